@@ -1,0 +1,367 @@
+"""Shared helpers for the pyswitch benchmarks: timing, machine description, tables, JSON, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 2,
+    repeat: int = 10,
+    min_sample_s: float = 0.005,
+    max_number: int = 1000,
+) -> dict:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed samples; report the median.
+
+    Each sample runs ``fn`` ``number`` times back to back, where ``number`` is chosen once (from
+    the last warmup call) so that a sample lasts at least ``min_sample_s`` (very fast calls are
+    otherwise dominated by timer overhead); the reported times are per call. The garbage collector
+    is disabled while timing (as ``timeit`` does) and re-enabled afterwards. Whatever ``fn``
+    allocates is part of the measured time.
+
+    Returns ``{"median_s", "min_s", "max_s", "mean_s", "samples_s", "number", "repeat", "warmup"}``.
+    """
+    if repeat < 1:
+        raise ValueError("repeat must be >= 1")
+    last = None
+    for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        fn()
+        last = time.perf_counter() - t0
+    number = 1
+    if last is not None and last < min_sample_s:
+        number = int(min(max_number, max(1, min_sample_s / max(last, 1e-9))))
+    samples = []
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples.append((time.perf_counter() - t0) / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "mean_s": statistics.fmean(samples),
+        "samples_s": samples,
+        "number": number,
+        "repeat": repeat,
+        "warmup": warmup,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Machine description
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    wanted = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_bf16",
+        "amx_bf16",
+        "asimd",
+        "sve",
+    )
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in present]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    """Describe the machine and the software under test (for the JSON output and the header)."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        info["usable_cpus"] = os.cpu_count()
+    try:
+        import numpy as np
+
+        info["numpy"] = np.__version__
+        try:
+            cfg = np.show_config(mode="dicts")
+            blas = cfg.get("Build Dependencies", {}).get("blas", {})
+            info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+        except Exception:  # older NumPy: no mode="dicts"
+            pass
+    except ImportError:
+        info["numpy"] = None
+    try:
+        import ml_dtypes
+
+        info["ml_dtypes"] = ml_dtypes.__version__
+    except ImportError:
+        info["ml_dtypes"] = None
+    torch = try_import_torch()
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_num_threads"] = torch.get_num_threads()
+    else:
+        info["torch"] = None
+    ps = try_import_pyswitch()
+    if ps is not None:
+        try:
+            info["pyswitch"] = dict(ps.build_info())
+        except Exception as exc:  # report, don't die: the header is informational
+            info["pyswitch"] = {"error": repr(exc)}
+    else:
+        info["pyswitch"] = None
+    return info
+
+
+def format_machine(info: dict) -> str:
+    lines = [
+        f"cpu      : {info.get('cpu_model')} ({info.get('usable_cpus')} usable / "
+        f"{info.get('logical_cpus')} logical; {' '.join(info.get('cpu_flags', []))})",
+        f"python   : {info.get('python')}  numpy {info.get('numpy')} "
+        f"({info.get('numpy_blas', '?')})"
+        f"  ml_dtypes {info.get('ml_dtypes')}  torch {info.get('torch') or 'not installed'}",
+    ]
+    ps = info.get("pyswitch")
+    if ps is None:
+        lines.append("pyswitch : not importable")
+    else:
+        keys = ("version", "active_isa", "compiled_isas", "blas", "num_threads", "mpi", "cuda")
+        parts = [f"{k}={ps[k]}" for k in keys if k in ps]
+        parts += [f"{k}={v}" for k, v in ps.items() if k not in keys]
+        lines.append("pyswitch : " + "  ".join(parts))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Optional imports
+# --------------------------------------------------------------------------------------------
+
+_TORCH_ERR: str | None = None
+
+
+def try_import_torch():
+    """Return the ``torch`` module, or None (the reason is in ``torch_import_error()``)."""
+    global _TORCH_ERR
+    try:
+        import torch
+
+        return torch
+    except Exception as exc:  # ImportError, or a broken install
+        _TORCH_ERR = repr(exc)
+        return None
+
+
+def torch_import_error() -> str | None:
+    return _TORCH_ERR
+
+
+_PYSWITCH_ERR: str | None = None
+
+
+def try_import_pyswitch():
+    """Return the ``pyswitch`` module, or None (the reason is in ``pyswitch_import_error()``)."""
+    global _PYSWITCH_ERR
+    try:
+        import pyswitch
+    except Exception as exc:
+        _PYSWITCH_ERR = repr(exc)
+        return None
+    if not hasattr(pyswitch, "route"):
+        # e.g. an unbuilt source tree imported as a namespace package from the repo root
+        _PYSWITCH_ERR = (
+            f"pyswitch at {list(getattr(pyswitch, '__path__', []))} has no 'route' (not built?)"
+        )
+        return None
+    return pyswitch
+
+
+def pyswitch_import_error() -> str | None:
+    return _PYSWITCH_ERR
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and threads
+# --------------------------------------------------------------------------------------------
+
+
+def make_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The standard benchmark CLI: ``--quick``, ``--threads N``, ``--json PATH``."""
+    p = argparse.ArgumentParser(prog=f"{name}.py", description=description)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sizes and fewer repeats (CI smoke runs; numbers are not representative)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="threads for pyswitch (pyswitch.set_num_threads) and torch (torch.set_num_threads); "
+        "default 2. NumPy's BLAS thread pool is left as it is (set OPENBLAS_NUM_THREADS / "
+        "OMP_NUM_THREADS / MKL_NUM_THREADS in the environment to change it)",
+    )
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help=f"where to write the results (default: benchmarks/results/{name}.json)",
+    )
+    return p
+
+
+def set_threads(n: int) -> dict:
+    """Set pyswitch's and torch's thread counts to ``n``; NumPy's BLAS threads are left as they are.
+
+    Returns what was set, for the JSON output.
+    """
+    if n < 1:
+        raise ValueError("--threads must be >= 1")
+    done: dict[str, Any] = {"requested": n, "numpy_blas": "unchanged (environment)"}
+    ps = try_import_pyswitch()
+    if ps is not None and hasattr(ps, "set_num_threads"):
+        ps.set_num_threads(n)
+        done["pyswitch"] = n
+    torch = try_import_torch()
+    if torch is not None:
+        torch.set_num_threads(n)
+        done["torch"] = torch.get_num_threads()
+    return done
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def format_cell(v: Any) -> str:
+    """How a table cell is shown: None as '-', floats with 3 significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a != 0 and (a >= 1e6 or a < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.3g}" if a < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None
+) -> str:
+    """Plain-text table with aligned columns.
+
+    ``align`` is one character per column, ``l`` or ``r``; by default the first column is
+    left-aligned and the others right-aligned. Floats are shown with 3 significant digits.
+    """
+    cells = [[format_cell(v) for v in row] for row in rows]
+    ncol = len(headers)
+    if align is None:
+        align = "l" + "r" * (ncol - 1)
+    if len(align) != ncol:
+        raise ValueError("align must have one character per column")
+    widths = [len(h) for h in headers]
+    for row in cells:
+        if len(row) != ncol:
+            raise ValueError("row length does not match headers")
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+
+    def line(vals):
+        out = [
+            v.rjust(widths[i]) if align[i] == "r" else v.ljust(widths[i])
+            for i, v in enumerate(vals)
+        ]
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(list(headers)), sep] + [line(r) for r in cells])
+
+
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None, file=None
+) -> None:
+    print(format_table(headers, rows, align), file=file or sys.stdout, flush=True)
+
+
+def _json_default(o: Any):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+def write_json(name: str, data: dict, path: str | os.PathLike | None = None) -> Path:
+    """Write ``data`` as JSON to ``path`` (default ``benchmarks/results/<name>.json``)."""
+    out = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv,
+        **data,
+    }
+    with open(out, "w") as f:
+        json.dump(payload, f, indent=2, default=_json_default)
+        f.write("\n")
+    return out

@@ -1,0 +1,402 @@
+// pyswitch._core: the pybind11 bindings, the only file that includes pybind11. It turns NumPy
+// arrays into checked pointers, releases the GIL around compute, and maps C++ errors onto
+// Python exceptions; all semantics live in the core.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "pyswitch/bf16.hpp"
+#include "pyswitch/build_info.hpp"
+#include "pyswitch/cpu_isa.hpp"
+#include "pyswitch/error.hpp"
+#include "pyswitch/moe/router.hpp"
+#include "pyswitch/threading.hpp"
+
+namespace py = pybind11;
+using namespace pyswitch;
+
+namespace {
+
+// ml_dtypes.bfloat16, looked up once at import.
+py::dtype& bfloat16_dtype() {
+  static py::dtype dtype = py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+  return dtype;
+}
+
+std::string shape_of(const py::array& a) {
+  std::ostringstream out;
+  out << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) out << (i ? ", " : "") << a.shape(i);
+  out << (a.ndim() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+std::string dtype_of(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// Any object -> C-contiguous array, dtype untouched (the dtype check follows). Non-contiguous
+// and negative-stride views are copied here, so the core only ever sees dense row-major data.
+py::array as_contiguous(const char* where, const char* name, const py::handle& obj) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw TypeMismatch(detail::concat(where, ": ", name, " must be a numpy array, got ",
+                                      py::str(py::type::of(obj)).cast<std::string>()));
+  }
+  return py::array::ensure(obj, py::array::c_style);
+}
+
+bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()) || a.dtype().equal(py::dtype::of<float>()); }
+bool is_bfloat16(const py::array& a) { return a.dtype().equal(bfloat16_dtype()); }
+
+py::array float32_array(const char* where, const char* name, const py::handle& obj) {
+  py::array a = as_contiguous(where, name, obj);
+  if (!is_float32(a)) {
+    throw TypeMismatch(detail::concat(where, ": ", name, " must be float32, got ", dtype_of(a),
+                                      " (convert with .astype(np.float32))"));
+  }
+  return a;
+}
+
+void require_ndim(const char* where, const char* name, const py::array& a, int ndim,
+                  const char* dims) {
+  if (a.ndim() != ndim) {
+    throw InvalidArgument(detail::concat(where, ": ", name, " must be ", ndim, "-D ", dims,
+                                         ", got shape ", shape_of(a)));
+  }
+}
+
+template <typename T>
+py::array view_of(std::vector<int64_t> shape, const T* data, py::handle owner, bool writeable) {
+  py::array out(py::dtype::of<T>(), shape, {}, data, owner);
+  if (!writeable) out.attr("setflags")(py::arg("write") = false);
+  return out;
+}
+
+// Owns the Router and serialises calls from Python threads (the GIL is released inside).
+struct PyRouter {
+  PyRouter(int64_t d_model, int64_t num_experts, const moe::RouterOptions& options)
+      : router(d_model, num_experts, options) {}
+  moe::Router router;
+  std::mutex mutex;
+};
+
+moe::RouteOptions route_options(int64_t k, std::optional<double> capacity_factor,
+                                int64_t min_capacity, std::optional<int64_t> group_size,
+                                const std::string& priority, const std::string& rounding,
+                                bool normalize_gates) {
+  moe::RouteOptions o;
+  o.k = k;
+  o.capacity_factor = capacity_factor;
+  o.min_capacity = min_capacity;
+  if (group_size) {
+    PYSWITCH_CHECK_ARG(*group_size >= 1, "route: group_size must be positive (or None), got ",
+                       *group_size);
+    o.group_size = *group_size;
+  }
+  o.priority = moe::parse_priority(priority);
+  o.capacity_rounding = moe::parse_capacity_rounding(rounding);
+  o.normalize_gates = normalize_gates;
+  return o;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pyswitch C++ core (internal; use the pyswitch package)";
+
+  // Error classes: pyswitch.Error(RuntimeError) and its subclasses.
+  static py::exception<Error> error_class(m, "Error", PyExc_RuntimeError);
+  static py::exception<CommError> comm_error_class(m, "CommError", error_class.ptr());
+  static py::exception<CommTimeout> comm_timeout_class(m, "CommTimeout", comm_error_class.ptr());
+  static py::exception<CheckpointError> checkpoint_error_class(m, "CheckpointError",
+                                                               error_class.ptr());
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const TypeMismatch& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const CommTimeout& e) {
+      py::set_error(comm_timeout_class, e.what());
+    } catch (const CommError& e) {
+      py::set_error(comm_error_class, e.what());
+    } catch (const CheckpointError& e) {
+      py::set_error(checkpoint_error_class, e.what());
+    } catch (const Error& e) {
+      py::set_error(error_class, e.what());
+    }
+  });
+
+  bfloat16_dtype();  // fail at import, not at first use, if ml_dtypes is missing
+
+  m.def("build_info", []() {
+    const BuildInfo info = pyswitch::build_info();
+    py::dict d;
+    d["version"] = info.version;
+    py::list compiled, supported;
+    for (CpuIsa isa : compiled_cpu_isas()) compiled.append(cpu_isa_name(isa));
+    for (CpuIsa isa : supported_cpu_isas()) supported.append(cpu_isa_name(isa));
+    d["compiled_isas"] = compiled;
+    d["supported_isas"] = supported;
+    d["active_isa"] = cpu_isa_name(active_cpu_isa());
+    d["blas"] = info.blas;
+    d["mpi"] = info.mpi;
+    d["cuda"] = info.cuda;
+    d["num_threads"] = get_num_threads();
+    d["compiler"] = info.compiler;
+    return d;
+  });
+  m.def("cpu_isa", []() { return std::string(cpu_isa_name(active_cpu_isa())); });
+  m.def("set_cpu_isa", [](const std::string& name) {
+    return std::string(cpu_isa_name(set_cpu_isa(parse_cpu_isa(name))));
+  });
+  m.def("supported_isas", []() {
+    std::vector<std::string> out;
+    for (CpuIsa isa : supported_cpu_isas()) out.emplace_back(cpu_isa_name(isa));
+    return out;
+  });
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", &set_num_threads);
+
+  // ---- bfloat16 ------------------------------------------------------------------------------
+  m.def("to_bfloat16", [](py::handle obj) {
+    py::array src = as_contiguous("to_bfloat16", "a", obj);
+    if (!is_float32(src)) {
+      throw TypeMismatch(detail::concat("to_bfloat16: a must be float32, got ", dtype_of(src)));
+    }
+    std::vector<py::ssize_t> shape(src.shape(), src.shape() + src.ndim());
+    py::array dst(bfloat16_dtype(), shape);
+    const float* in = static_cast<const float*>(src.data());
+    bf16* out = static_cast<bf16*>(dst.mutable_data());
+    const int64_t n = src.size();
+    {
+      py::gil_scoped_release release;
+      convert_f32_to_bf16(in, out, n);
+    }
+    return dst;
+  });
+  m.def("to_float32", [](py::handle obj) {
+    py::array src = as_contiguous("to_float32", "a", obj);
+    if (!is_bfloat16(src)) {
+      throw TypeMismatch(detail::concat("to_float32: a must be bfloat16, got ", dtype_of(src)));
+    }
+    std::vector<py::ssize_t> shape(src.shape(), src.shape() + src.ndim());
+    py::array dst(py::dtype::of<float>(), shape);
+    const bf16* in = static_cast<const bf16*>(src.data());
+    float* out = static_cast<float*>(dst.mutable_data());
+    const int64_t n = src.size();
+    {
+      py::gil_scoped_release release;
+      convert_bf16_to_f32(in, out, n);
+    }
+    return dst;
+  });
+
+  // ---- routing -------------------------------------------------------------------------------
+  py::class_<moe::RoutingPlan>(m, "RoutingPlan")
+      .def_readonly("num_tokens", &moe::RoutingPlan::num_tokens)
+      .def_readonly("num_experts", &moe::RoutingPlan::num_experts)
+      .def_readonly("k", &moe::RoutingPlan::k)
+      .def_readonly("group_size", &moe::RoutingPlan::group_size)
+      .def_readonly("num_groups", &moe::RoutingPlan::num_groups)
+      .def_readonly("capacity", &moe::RoutingPlan::capacity)
+      .def_readonly("dropped", &moe::RoutingPlan::dropped)
+      .def_readonly("aux_loss", &moe::RoutingPlan::aux_loss)
+      .def_readonly("z_loss", &moe::RoutingPlan::z_loss)
+      .def_property_readonly("expert_index",
+                             [](py::object self) {
+                               auto& p = self.cast<moe::RoutingPlan&>();
+                               return view_of(std::vector<int64_t>{p.num_tokens, p.k},
+                                              p.expert_index.data(), self, false);
+                             })
+      .def_property_readonly("gate",
+                             [](py::object self) {
+                               auto& p = self.cast<moe::RoutingPlan&>();
+                               return view_of(std::vector<int64_t>{p.num_tokens, p.k},
+                                              p.gate.data(), self, false);
+                             })
+      .def_property_readonly("slot",
+                             [](py::object self) {
+                               auto& p = self.cast<moe::RoutingPlan&>();
+                               return view_of(std::vector<int64_t>{p.num_tokens, p.k},
+                                              p.slot.data(), self, false);
+                             })
+      .def_property_readonly("tokens_per_expert",
+                             [](py::object self) {
+                               auto& p = self.cast<moe::RoutingPlan&>();
+                               return view_of(std::vector<int64_t>{p.num_experts},
+                                              p.tokens_per_expert.data(), self, false);
+                             })
+      .def_property_readonly("group_tokens_per_expert", [](py::object self) {
+        auto& p = self.cast<moe::RoutingPlan&>();
+        return view_of(std::vector<int64_t>{p.num_groups, p.num_experts},
+                       p.group_expert_count.data(), self, false);
+      });
+
+  m.def(
+      "route",
+      [](py::handle logits_obj, int64_t k, std::optional<double> capacity_factor,
+         int64_t min_capacity, std::optional<int64_t> group_size, const std::string& priority,
+         const std::string& capacity_rounding, bool normalize_gates) {
+        py::array logits = float32_array("route", "logits", logits_obj);
+        require_ndim("route", "logits", logits, 2, "(tokens, experts)");
+        const moe::RouteOptions o = route_options(k, capacity_factor, min_capacity, group_size,
+                                                  priority, capacity_rounding, normalize_gates);
+        const float* data = static_cast<const float*>(logits.data());
+        const int64_t T = logits.shape(0), E = logits.shape(1);
+        py::gil_scoped_release release;
+        return moe::route(data, T, E, o);
+      },
+      py::arg("logits"), py::arg("k"), py::arg("capacity_factor"), py::arg("min_capacity"),
+      py::arg("group_size"), py::arg("priority"), py::arg("capacity_rounding"),
+      py::arg("normalize_gates"));
+
+  py::class_<moe::ExpertChoicePlan>(m, "ExpertChoicePlan")
+      .def_readonly("num_tokens", &moe::ExpertChoicePlan::num_tokens)
+      .def_readonly("num_experts", &moe::ExpertChoicePlan::num_experts)
+      .def_readonly("group_size", &moe::ExpertChoicePlan::group_size)
+      .def_readonly("num_groups", &moe::ExpertChoicePlan::num_groups)
+      .def_readonly("capacity", &moe::ExpertChoicePlan::capacity)
+      .def_readonly("z_loss", &moe::ExpertChoicePlan::z_loss)
+      .def_property_readonly("token_index",
+                             [](py::object self) {
+                               auto& p = self.cast<moe::ExpertChoicePlan&>();
+                               return view_of(
+                                   std::vector<int64_t>{p.num_experts, p.num_groups * p.capacity},
+                                   p.token_index.data(), self, false);
+                             })
+      .def_property_readonly("gate",
+                             [](py::object self) {
+                               auto& p = self.cast<moe::ExpertChoicePlan&>();
+                               return view_of(
+                                   std::vector<int64_t>{p.num_experts, p.num_groups * p.capacity},
+                                   p.gate.data(), self, false);
+                             })
+      .def_property_readonly("experts_per_token", [](py::object self) {
+        auto& p = self.cast<moe::ExpertChoicePlan&>();
+        return view_of(std::vector<int64_t>{p.num_tokens}, p.experts_per_token.data(), self,
+                       false);
+      });
+
+  m.def(
+      "route_expert_choice",
+      [](py::handle logits_obj, double capacity_factor, std::optional<int64_t> group_size) {
+        py::array logits = float32_array("route_expert_choice", "logits", logits_obj);
+        require_ndim("route_expert_choice", "logits", logits, 2, "(tokens, experts)");
+        if (group_size) {
+          PYSWITCH_CHECK_ARG(*group_size >= 1,
+                             "route_expert_choice: group_size must be positive (or None), got ",
+                             *group_size);
+        }
+        const float* data = static_cast<const float*>(logits.data());
+        const int64_t T = logits.shape(0), E = logits.shape(1);
+        py::gil_scoped_release release;
+        return moe::route_expert_choice(data, T, E, capacity_factor, group_size.value_or(0));
+      },
+      py::arg("logits"), py::arg("capacity_factor"), py::arg("group_size"));
+
+  py::class_<PyRouter>(m, "Router")
+      .def(py::init([](int64_t d_model, int64_t num_experts, int64_t k,
+                       std::optional<double> capacity_factor,
+                       std::optional<double> eval_capacity_factor, int64_t min_capacity,
+                       std::optional<int64_t> group_size, const std::string& priority,
+                       const std::string& capacity_rounding, bool normalize_gates,
+                       double jitter_eps, double init_scale, uint64_t seed) {
+             moe::RouterOptions o;
+             o.route = route_options(k, capacity_factor, min_capacity, group_size, priority,
+                                     capacity_rounding, normalize_gates);
+             o.eval_capacity_factor = eval_capacity_factor;
+             o.jitter_eps = jitter_eps;
+             o.init_scale = init_scale;
+             o.seed = seed;
+             return std::make_unique<PyRouter>(d_model, num_experts, o);
+           }),
+           py::arg("d_model"), py::arg("num_experts"), py::arg("k"), py::arg("capacity_factor"),
+           py::arg("eval_capacity_factor"), py::arg("min_capacity"), py::arg("group_size"),
+           py::arg("priority"), py::arg("capacity_rounding"), py::arg("normalize_gates"),
+           py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"))
+      .def_property_readonly("d_model", [](PyRouter& r) { return r.router.d_model(); })
+      .def_property_readonly("num_experts", [](PyRouter& r) { return r.router.num_experts(); })
+      .def_property_readonly("weight",
+                             [](py::object self) {
+                               auto& r = self.cast<PyRouter&>();
+                               return view_of(std::vector<int64_t>{r.router.d_model(),
+                                                                   r.router.num_experts()},
+                                              r.router.weight(), self, true);
+                             })
+      .def_property_readonly("weight_grad",
+                             [](py::object self) {
+                               auto& r = self.cast<PyRouter&>();
+                               return view_of(std::vector<int64_t>{r.router.d_model(),
+                                                                   r.router.num_experts()},
+                                              r.router.weight_grad(), self, true);
+                             })
+      .def_property_readonly("last_logits",
+                             [](PyRouter& r) {
+                               std::lock_guard<std::mutex> lock(r.mutex);
+                               PYSWITCH_CHECK_STATE(r.router.has_forward(),
+                                                    "Router.last_logits: no forward pass yet");
+                               const auto& logits = r.router.last_logits();
+                               const int64_t E = r.router.num_experts();
+                               py::array_t<float> out({static_cast<int64_t>(logits.size()) / E, E});
+                               std::copy(logits.begin(), logits.end(), out.mutable_data());
+                               return out;
+                             })
+      .def(
+          "forward",
+          [](PyRouter& r, py::handle x_obj, bool training) {
+            py::array x = as_contiguous("Router.forward", "x", x_obj);
+            DType dtype;
+            if (is_float32(x)) {
+              dtype = DType::float32;
+            } else if (is_bfloat16(x)) {
+              dtype = DType::bfloat16;
+            } else {
+              throw TypeMismatch(detail::concat(
+                  "Router.forward: x must be float32 or bfloat16, got ", dtype_of(x)));
+            }
+            require_ndim("Router.forward", "x", x, 2, "(tokens, d_model)");
+            if (x.shape(1) != r.router.d_model()) {
+              throw InvalidArgument(detail::concat("Router.forward: x must have shape (tokens, ",
+                                                   r.router.d_model(), "), got ", shape_of(x)));
+            }
+            const void* data = x.data();
+            const int64_t T = x.shape(0);
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(r.mutex);
+            return r.router.forward(data, dtype, T, training);  // copied out: the router reuses its plan
+          },
+          py::arg("x"), py::arg("training"))
+      .def(
+          "backward",
+          [](PyRouter& r, py::handle d_gate_obj, double aux_coef, double z_coef) {
+            py::array d_gate = float32_array("Router.backward", "d_gate", d_gate_obj);
+            std::lock_guard<std::mutex> lock(r.mutex);
+            PYSWITCH_CHECK_STATE(r.router.has_forward(),
+                                 "Router.backward: no forward pass to differentiate; call "
+                                 "forward(x) first");
+            const moe::RoutingPlan& plan_ref = r.router.forward_plan();
+            if (d_gate.ndim() != 2 || d_gate.shape(0) != plan_ref.num_tokens ||
+                d_gate.shape(1) != plan_ref.k) {
+              throw InvalidArgument(detail::concat(
+                  "Router.backward: d_gate must have shape (", plan_ref.num_tokens, ", ",
+                  plan_ref.k, ") like plan.gate, got ", shape_of(d_gate)));
+            }
+            const bool bf16_x = r.router.forward_dtype() == DType::bfloat16;
+            std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(plan_ref.num_tokens),
+                                           static_cast<py::ssize_t>(r.router.d_model())};
+            py::array dx = bf16_x ? py::array(bfloat16_dtype(), shape)
+                                  : py::array(py::dtype::of<float>(), shape);
+            const float* dg = static_cast<const float*>(d_gate.data());
+            void* out = dx.mutable_data();
+            {
+              py::gil_scoped_release release;
+              r.router.backward(dg, aux_coef, z_coef, out);
+            }
+            return dx;
+          },
+          py::arg("d_gate"), py::arg("aux_loss_coef"), py::arg("z_loss_coef"));
+}

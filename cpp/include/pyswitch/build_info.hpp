@@ -1,0 +1,20 @@
+/// @file build_info.hpp
+/// What this build of the pyswitch core contains: version, kernels, GEMM library, MPI, CUDA.
+#pragma once
+
+#include <string>
+
+namespace pyswitch {
+
+struct BuildInfo {
+  std::string version;       ///< "x.y.z", from CMake's project(VERSION)
+  std::string blas;          ///< the GEMM library and its version, e.g. "oneDNN 3.2.0 (OMP)"
+  bool mpi = false;          ///< built with the MPI communicator backend
+  bool cuda = false;         ///< built with CUDA kernels
+  std::string compiler;      ///< compiler id and version
+};
+
+/// Thread-safe; never throws.
+BuildInfo build_info();
+
+}  // namespace pyswitch

@@ -1,0 +1,26 @@
+/// @file random.hpp
+/// Counter-based random numbers (Philox-4x32-10, Salmon et al. 2011): value i of stream s under
+/// seed k is a pure function of (k, s, i), so any thread split gives the same numbers and the
+/// same seed gives bitwise-identical results on every machine.
+#pragma once
+
+#include <cstdint>
+
+namespace pyswitch {
+
+/// Four 32-bit random words for counter (stream, index) under seed.
+void philox4x32(uint64_t seed, uint64_t stream, uint64_t index, uint32_t out[4]);
+
+/// Uniform float in [0, 1) from the top 24 bits of a word.
+inline float uniform_from_bits(uint32_t word) {
+  return static_cast<float>(word >> 8) * (1.0f / 16777216.0f);
+}
+
+/// Fills n values from a normal(0, std) truncated to [-2 std, 2 std] by resampling (the
+/// paper's initialiser, section 2.4). Deterministic in (seed, stream); multi-threaded.
+void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream);
+
+/// Fills n values uniform in [lo, hi). Deterministic in (seed, stream); multi-threaded.
+void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream);
+
+}  // namespace pyswitch

@@ -1,0 +1,26 @@
+// What this build contains, for pyswitch.build_info() and C++ hosts.
+#include "pyswitch/build_info.hpp"
+
+#include <string>
+
+namespace pyswitch {
+
+BuildInfo build_info() {
+  BuildInfo info;
+  info.version = PYSWITCH_VERSION;
+  info.blas = std::string("oneDNN ") + PYSWITCH_DNNL_VERSION + " (OpenMP)";
+#ifdef PYSWITCH_HAVE_MPI
+  info.mpi = true;
+#endif
+#ifdef PYSWITCH_HAVE_CUDA
+  info.cuda = true;
+#endif
+#if defined(__clang__)
+  info.compiler = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info.compiler = std::string("gcc ") + __VERSION__;
+#endif
+  return info;
+}
+
+}  // namespace pyswitch

@@ -1,0 +1,51 @@
+// Internal: the table of per-ISA CPU kernels and the arguments they take. Not installed.
+// Each ISA's table lives in its own translation unit and namespace (kernels_<isa>.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "pyswitch/cpu_isa.hpp"
+
+namespace pyswitch::cpu {
+
+// Arguments of route_rows: one block of `rows` token rows of the (T, E) logits.
+struct RouteRowsArgs {
+  const float* logits = nullptr;  // (rows, E)
+  int64_t rows = 0;
+  int64_t num_experts = 0;
+  int64_t k = 1;
+  int32_t* expert_index = nullptr;  // (rows, k) written: top-k by logit, ties to lower index
+  float* gate = nullptr;            // (rows, k) written: raw softmax probabilities
+  float* top1_prob = nullptr;       // (rows,) written when not null
+  double* prob_sum = nullptr;       // (E,) accumulated: sum over rows of probs
+  double* z_sum = nullptr;          // accumulated: sum over rows of logsumexp^2
+  float* scratch = nullptr;         // 2 * E + 32 floats
+  int64_t first_bad_row = -1;       // set to the first row holding a non-finite logit
+};
+
+struct KernelTable {
+  CpuIsa isa;
+  void (*f32_to_bf16)(const float* src, uint16_t* dst, int64_t n);
+  void (*bf16_to_f32)(const uint16_t* src, float* dst, int64_t n);
+  // Stops at the first non-finite row, leaving later rows unwritten.
+  void (*route_rows)(RouteRowsArgs& args);
+  // probs (rows, E) = softmax with the numerics of route_rows; scratch: E + 32 floats.
+  void (*softmax_rows)(const float* logits, int64_t rows, int64_t num_experts, float* probs,
+                       float* scratch);
+};
+
+namespace scalar {
+extern const KernelTable table;
+}
+namespace avx2 {
+extern const KernelTable table;
+}
+namespace avx512_bf16 {
+extern const KernelTable table;
+}
+
+// The table of the active ISA (cpu_isa.cpp).
+const KernelTable& active_kernels();
+const KernelTable& kernels_for(CpuIsa isa);
+
+}  // namespace pyswitch::cpu

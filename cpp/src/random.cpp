@@ -1,0 +1,79 @@
+// Philox-4x32-10 counter-based generator and the distributions the core draws from.
+#include "pyswitch/random.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "parallel.hpp"
+
+namespace pyswitch {
+namespace {
+
+inline void mulhilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(product >> 32);
+  *lo = static_cast<uint32_t>(product);
+}
+
+constexpr int64_t kBlock = 1 << 14;
+
+}  // namespace
+
+void philox4x32(uint64_t seed, uint64_t stream, uint64_t index, uint32_t out[4]) {
+  uint32_t c[4] = {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                   static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)};
+  uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo(0xD2511F53u, c[0], &hi0, &lo0);
+    mulhilo(0xCD9E8D57u, c[2], &hi1, &lo1);
+    const uint32_t next[4] = {hi1 ^ c[1] ^ key[0], lo1, hi0 ^ c[3] ^ key[1], lo0};
+    for (int i = 0; i < 4; ++i) c[i] = next[i];
+    key[0] += 0x9E3779B9u;
+    key[1] += 0xBB67AE85u;
+  }
+  for (int i = 0; i < 4; ++i) out[i] = c[i];
+}
+
+void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream) {
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
+    const int64_t end = std::min(n, (b + 1) * kBlock);
+    for (int64_t i = b * kBlock; i < end; ++i) {
+      // Attempt a of element i uses counter i + a * 2^48: disjoint for any n < 2^48.
+      for (uint64_t attempt = 0;; ++attempt) {
+        uint32_t w[4];
+        philox4x32(seed, stream, static_cast<uint64_t>(i) + (attempt << 48), w);
+        const double u1 = (static_cast<double>(w[0] >> 8) + 1.0) / 16777216.0;  // (0, 1]
+        const double u2 = static_cast<double>(w[1] >> 8) / 16777216.0;
+        const double radius = std::sqrt(-2.0 * std::log(u1));
+        const double z0 = radius * std::cos(kTwoPi * u2);
+        const double z1 = radius * std::sin(kTwoPi * u2);
+        if (std::fabs(z0) <= 2.0) {
+          out[i] = static_cast<float>(z0 * std);
+          break;
+        }
+        if (std::fabs(z1) <= 2.0) {
+          out[i] = static_cast<float>(z1 * std);
+          break;
+        }
+      }
+    }
+  });
+}
+
+void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream) {
+  const float width = hi - lo;
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
+    const int64_t end = std::min(n, (b + 1) * kBlock);
+    for (int64_t i = b * kBlock; i < end; i += 4) {
+      uint32_t w[4];
+      philox4x32(seed, stream, static_cast<uint64_t>(i) / 4, w);
+      for (int64_t j = 0; j < 4 && i + j < end; ++j) {
+        out[i + j] = lo + width * uniform_from_bits(w[j]);
+      }
+    }
+  });
+}
+
+}  // namespace pyswitch

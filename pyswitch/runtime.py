@@ -1,0 +1,67 @@
+"""Build information, CPU kernel selection and the size of the core's thread pool."""
+
+from __future__ import annotations
+
+from . import _core
+
+
+def build_info() -> dict:
+    """What this build of pyswitch contains and is using now.
+
+    Returns
+    -------
+    dict
+        ``version``; ``compiled_isas`` and ``supported_isas`` (kernel sets compiled in / runnable
+        on this CPU, among ``"scalar"``, ``"avx2"``, ``"avx512_bf16"``); ``active_isa``;
+        ``blas`` (the GEMM library); ``mpi`` and ``cuda`` (bools); ``num_threads``; ``compiler``.
+    """
+    return dict(_core.build_info())
+
+
+def cpu_isa() -> str:
+    """The active CPU kernel set: ``"scalar"``, ``"avx2"`` or ``"avx512_bf16"``."""
+    return _core.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Select the CPU kernel set and return the previous one.
+
+    Every kernel set gives bit-identical results; this exists for tests and debugging. The
+    environment variable ``PYSWITCH_CPU_ISA`` caps the choice made at import.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a kernel set, or this CPU cannot run it.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"set_cpu_isa: name must be a str, got {type(name).__name__}")
+    return _core.set_cpu_isa(name)
+
+
+def supported_isas() -> list[str]:
+    """Kernel sets compiled in that this CPU can run, slowest first."""
+    return list(_core.supported_isas())
+
+
+def get_num_threads() -> int:
+    """Threads each pyswitch op uses (the core's OpenMP pool, shared with oneDNN)."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the threads each op uses. Results do not depend on it (fixed work blocks).
+
+    Raises
+    ------
+    ValueError
+        If ``n < 1``.
+    """
+    _core.set_num_threads(_as_int("set_num_threads", "n", n))
+
+
+def _as_int(where: str, name: str, value) -> int:
+    """An integer argument, refusing floats and bools instead of truncating them."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}")
+    return value.__index__()
