@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
 
@@ -115,9 +116,33 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def cpu_busy_fraction(interval: float = 0.5) -> float | None:
+    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat), None if unknown.
+
+    Measured while this process sleeps, so it is the load from *other* processes: on a small
+    machine a concurrent build or test run makes multi-threaded timings meaningless.
+    """
+
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals), idle
+
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = t1 - t0
+    return None if total <= 0 else max(0.0, min(1.0, 1.0 - (i1 - i0) / total))
+
+
 def machine_info() -> dict:
     """Describe the machine and the software under test (for the JSON output and the header)."""
     info: dict[str, Any] = {
+        "cpu_busy_before_run": cpu_busy_fraction(),
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
         "logical_cpus": os.cpu_count(),
@@ -156,6 +181,7 @@ def machine_info() -> dict:
     if ps is not None:
         try:
             info["pyswitch"] = dict(ps.build_info())
+            info["pyswitch_path"] = str(Path(ps.__file__).resolve().parent)
         except Exception as exc:  # report, don't die: the header is informational
             info["pyswitch"] = {"error": repr(exc)}
     else:
@@ -171,6 +197,12 @@ def format_machine(info: dict) -> str:
         f"({info.get('numpy_blas', '?')})"
         f"  ml_dtypes {info.get('ml_dtypes')}  torch {info.get('torch') or 'not installed'}",
     ]
+    busy = info.get("cpu_busy_before_run")
+    if busy is not None and busy > 0.15:
+        lines.append(
+            f"WARNING  : {busy:.0%} of the CPUs were busy with other processes before this run; "
+            "timings (multi-threaded ones above all) will be unreliable"
+        )
     ps = info.get("pyswitch")
     if ps is None:
         lines.append("pyswitch : not importable")
@@ -179,6 +211,8 @@ def format_machine(info: dict) -> str:
         parts = [f"{k}={ps[k]}" for k in keys if k in ps]
         parts += [f"{k}={v}" for k, v in ps.items() if k not in keys]
         lines.append("pyswitch : " + "  ".join(parts))
+        if info.get("pyswitch_path"):
+            lines.append(f"           from {info['pyswitch_path']}")
     return "\n".join(lines)
 
 
@@ -213,6 +247,14 @@ def try_import_pyswitch():
     global _PYSWITCH_ERR
     try:
         import pyswitch
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyswitch" or str(REPO_ROOT) in sys.path:
+            _PYSWITCH_ERR = repr(exc)
+            return None
+        # not installed: fall back to an in-place build in this checkout (installed copies win,
+        # since the repo root goes to the end of sys.path)
+        sys.path.append(str(REPO_ROOT))
+        return try_import_pyswitch()
     except Exception as exc:
         _PYSWITCH_ERR = repr(exc)
         return None

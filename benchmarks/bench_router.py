@@ -495,6 +495,12 @@ def bench_convert(report, ps, torch, n, warmup, repeat):
             for b in ("numpy", "torch")
         )
 
+        # context: the cost of the output allocation + first touch alone (page faults), which
+        # every implementation pays since the timings include output allocation
+        out_dtype = np.uint16 if d["nbytes_out"] == 2 else np.float32
+        floor = common.time_call(
+            lambda dt=out_dtype: np.empty(n, dtype=dt).fill(0), warmup=warmup, repeat=repeat
+        )
         gbps, timings = {}, {}
         for name in ("pyswitch", "numpy", "torch"):
             if name in d:
@@ -526,7 +532,14 @@ def bench_convert(report, ps, torch, n, warmup, repeat):
                 "ratio_vs_torch": vs_t,
                 "goal_ratio_vs_numpy": GOAL_CONVERT_VS_MLDTYPES,
                 "goal_met": None if vs_np is None else vs_np >= GOAL_CONVERT_VS_MLDTYPES,
+                "output_alloc_fill": floor,
             }
+        )
+        print(
+            f"    context: allocating and filling the {n // 2**20} Mi-element output alone "
+            f"(np.empty + fill, 1 thread) takes {floor['median_s'] * 1e3:.1f} ms, "
+            f"i.e. {nbytes / floor['median_s'] / 1e9:.1f} GB/s in this table's accounting",
+            flush=True,
         )
 
 
@@ -573,6 +586,12 @@ def main(argv=None) -> int:
     else:
         print("agree: torch vs numpy (pyswitch not importable)")
     common.print_table(Report.HEADERS, report.rows, align="lllrrrrrl")
+    busy = info.get("cpu_busy_before_run")
+    if busy is not None and busy > 0.15:
+        print(
+            f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy when this run started; "
+            "the numbers above are not trustworthy"
+        )
     if report.notes:
         print("\nnotes:")
         for note in report.notes:

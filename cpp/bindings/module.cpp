@@ -37,7 +37,9 @@ std::string shape_of(const py::array& a) {
   return out.str();
 }
 
-std::string dtype_of(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+std::string dtype_of(const py::array& a) {
+  return py::str(a.dtype()).cast<std::string>();
+}
 
 // Any object -> C-contiguous array, dtype untouched (the dtype check follows). Non-contiguous
 // and negative-stride views are copied here, so the core only ever sees dense row-major data.
@@ -49,8 +51,12 @@ py::array as_contiguous(const char* where, const char* name, const py::handle& o
   return py::array::ensure(obj, py::array::c_style);
 }
 
-bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()) || a.dtype().equal(py::dtype::of<float>()); }
-bool is_bfloat16(const py::array& a) { return a.dtype().equal(bfloat16_dtype()); }
+bool is_float32(const py::array& a) {
+  return a.dtype().is(py::dtype::of<float>()) || a.dtype().equal(py::dtype::of<float>());
+}
+bool is_bfloat16(const py::array& a) {
+  return a.dtype().equal(bfloat16_dtype());
+}
 
 py::array float32_array(const char* where, const char* name, const py::handle& obj) {
   py::array a = as_contiguous(where, name, obj);
@@ -277,8 +283,7 @@ PYBIND11_MODULE(_core, m) {
                              })
       .def_property_readonly("experts_per_token", [](py::object self) {
         auto& p = self.cast<moe::ExpertChoicePlan&>();
-        return view_of(std::vector<int64_t>{p.num_tokens}, p.experts_per_token.data(), self,
-                       false);
+        return view_of(std::vector<int64_t>{p.num_tokens}, p.experts_per_token.data(), self, false);
       });
 
   m.def(
@@ -323,16 +328,16 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("weight",
                              [](py::object self) {
                                auto& r = self.cast<PyRouter&>();
-                               return view_of(std::vector<int64_t>{r.router.d_model(),
-                                                                   r.router.num_experts()},
-                                              r.router.weight(), self, true);
+                               return view_of(
+                                   std::vector<int64_t>{r.router.d_model(), r.router.num_experts()},
+                                   r.router.weight(), self, true);
                              })
       .def_property_readonly("weight_grad",
                              [](py::object self) {
                                auto& r = self.cast<PyRouter&>();
-                               return view_of(std::vector<int64_t>{r.router.d_model(),
-                                                                   r.router.num_experts()},
-                                              r.router.weight_grad(), self, true);
+                               return view_of(
+                                   std::vector<int64_t>{r.router.d_model(), r.router.num_experts()},
+                                   r.router.weight_grad(), self, true);
                              })
       .def_property_readonly("last_logits",
                              [](PyRouter& r) {
@@ -367,7 +372,8 @@ PYBIND11_MODULE(_core, m) {
             const int64_t T = x.shape(0);
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(r.mutex);
-            return r.router.forward(data, dtype, T, training);  // copied out: the router reuses its plan
+            return r.router.forward(data, dtype, T,
+                                    training);  // copied out: the router reuses its plan
           },
           py::arg("x"), py::arg("training"))
       .def(
@@ -381,9 +387,9 @@ PYBIND11_MODULE(_core, m) {
             const moe::RoutingPlan& plan_ref = r.router.forward_plan();
             if (d_gate.ndim() != 2 || d_gate.shape(0) != plan_ref.num_tokens ||
                 d_gate.shape(1) != plan_ref.k) {
-              throw InvalidArgument(detail::concat(
-                  "Router.backward: d_gate must have shape (", plan_ref.num_tokens, ", ",
-                  plan_ref.k, ") like plan.gate, got ", shape_of(d_gate)));
+              throw InvalidArgument(detail::concat("Router.backward: d_gate must have shape (",
+                                                   plan_ref.num_tokens, ", ", plan_ref.k,
+                                                   ") like plan.gate, got ", shape_of(d_gate)));
             }
             const bool bf16_x = r.router.forward_dtype() == DType::bfloat16;
             std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(plan_ref.num_tokens),

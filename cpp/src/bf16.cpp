@@ -1,9 +1,10 @@
 // Bulk float32 <-> bfloat16 conversion: the active ISA's kernel over fixed 64 Ki-element blocks.
-#include "cpu/kernels.hpp"
+#include "pyswitch/bf16.hpp"
+
 #include <algorithm>
 
+#include "cpu/kernels.hpp"
 #include "parallel.hpp"
-#include "pyswitch/bf16.hpp"
 #include "pyswitch/error.hpp"
 
 namespace pyswitch {

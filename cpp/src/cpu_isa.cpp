@@ -1,10 +1,11 @@
 // Run-time CPU feature detection and the active kernel table.
+#include "pyswitch/cpu_isa.hpp"
+
 #include <atomic>
 #include <cstdlib>
 #include <string>
 
 #include "cpu/kernels.hpp"
-#include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
 
 namespace pyswitch {
@@ -82,7 +83,9 @@ std::vector<CpuIsa> supported_cpu_isas() {
   return out;
 }
 
-CpuIsa active_cpu_isa() { return active().load(); }
+CpuIsa active_cpu_isa() {
+  return active().load();
+}
 
 CpuIsa set_cpu_isa(CpuIsa isa) {
   PYSWITCH_CHECK_ARG(cpu_can_run(isa), "set_cpu_isa: this CPU cannot run '", cpu_isa_name(isa),
@@ -104,7 +107,9 @@ const KernelTable& kernels_for(CpuIsa isa) {
   return scalar::table;
 }
 
-const KernelTable& active_kernels() { return kernels_for(active_cpu_isa()); }
+const KernelTable& active_kernels() {
+  return kernels_for(active_cpu_isa());
+}
 
 }  // namespace cpu
 }  // namespace pyswitch

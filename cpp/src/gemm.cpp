@@ -14,9 +14,8 @@ namespace {
 constexpr int64_t kRowBlock = 128;
 }
 
-void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-           int64_t ldc) {
+void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   parallel_for(ceil_div(M, kRowBlock), [&](int64_t b) {
     const int64_t m0 = b * kRowBlock;
@@ -26,9 +25,8 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
     // thread per block keeps its K-splitting (and so the rounding) independent of the pool.
     const int saved_threads = omp_get_max_threads();
     omp_set_num_threads(1);
-    const dnnl_status_t status =
-        dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', rows, N, K, alpha, a_block, lda, B,
-                   ldb, beta, C + m0 * ldc, ldc);
+    const dnnl_status_t status = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', rows, N, K,
+                                            alpha, a_block, lda, B, ldb, beta, C + m0 * ldc, ldc);
     omp_set_num_threads(saved_threads);
     if (status != dnnl_success) {
       throw Error(detail::concat("sgemm: oneDNN dnnl_sgemm failed with status ",

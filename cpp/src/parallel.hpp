@@ -37,6 +37,8 @@ void parallel_for(int64_t num_blocks, Body&& body) {
   if (error) std::rethrow_exception(error);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace pyswitch::detail

@@ -1,4 +1,6 @@
 // The size of the core's intra-op thread pool: explicit setting, else environment, else cores.
+#include "pyswitch/threading.hpp"
+
 #include <omp.h>
 
 #include <atomic>
@@ -6,7 +8,6 @@
 #include <string>
 
 #include "pyswitch/error.hpp"
-#include "pyswitch/threading.hpp"
 
 namespace pyswitch {
 namespace {
@@ -30,7 +31,9 @@ std::atomic<int>& thread_setting() {
 
 }  // namespace
 
-int get_num_threads() { return thread_setting().load(std::memory_order_relaxed); }
+int get_num_threads() {
+  return thread_setting().load(std::memory_order_relaxed);
+}
 
 void set_num_threads(int n) {
   PYSWITCH_CHECK_ARG(n >= 1, "set_num_threads: n must be >= 1, got ", n);

@@ -59,11 +59,13 @@ std::string concat(const Args&... args) {
 
 /// Throws ExceptionType with the streamed message parts unless cond holds. Messages say where,
 /// what was expected and what was received: "route: k must be in [1, 8], got 9".
-#define PYSWITCH_CHECK_AS(ExceptionType, cond, ...)                    \
-  do {                                                                 \
+#define PYSWITCH_CHECK_AS(ExceptionType, cond, ...)                            \
+  do {                                                                         \
     if (!(cond)) throw ExceptionType(::pyswitch::detail::concat(__VA_ARGS__)); \
   } while (0)
 
-#define PYSWITCH_CHECK_ARG(cond, ...) PYSWITCH_CHECK_AS(::pyswitch::InvalidArgument, cond, __VA_ARGS__)
-#define PYSWITCH_CHECK_TYPE(cond, ...) PYSWITCH_CHECK_AS(::pyswitch::TypeMismatch, cond, __VA_ARGS__)
+#define PYSWITCH_CHECK_ARG(cond, ...) \
+  PYSWITCH_CHECK_AS(::pyswitch::InvalidArgument, cond, __VA_ARGS__)
+#define PYSWITCH_CHECK_TYPE(cond, ...) \
+  PYSWITCH_CHECK_AS(::pyswitch::TypeMismatch, cond, __VA_ARGS__)
 #define PYSWITCH_CHECK_STATE(cond, ...) PYSWITCH_CHECK_AS(::pyswitch::Error, cond, __VA_ARGS__)

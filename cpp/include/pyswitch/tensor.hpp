@@ -15,6 +15,8 @@ inline const char* dtype_name(DType dtype) {
 }
 
 /// Bytes per element.
-inline int64_t dtype_size(DType dtype) { return dtype == DType::float32 ? 4 : 2; }
+inline int64_t dtype_size(DType dtype) {
+  return dtype == DType::float32 ? 4 : 2;
+}
 
 }  // namespace pyswitch

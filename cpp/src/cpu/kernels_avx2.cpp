@@ -21,14 +21,15 @@ inline __m256i tail_mask(int64_t n) {  // n in [0, 8]
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
 }
-inline V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline V load(const float* p) {
+  return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+}
 inline V load_tail(const float* p, int64_t n, float fill) {
   const int64_t n_lo = n < 8 ? n : 8, n_hi = n > 8 ? n - 8 : 0;
   const __m256 f = _mm256_set1_ps(fill);
   const __m256i m_lo = tail_mask(n_lo), m_hi = tail_mask(n_hi);
   const __m256 lo = _mm256_blendv_ps(f, _mm256_maskload_ps(p, m_lo), _mm256_castsi256_ps(m_lo));
-  const __m256 hi =
-      _mm256_blendv_ps(f, _mm256_maskload_ps(p + 8, m_hi), _mm256_castsi256_ps(m_hi));
+  const __m256 hi = _mm256_blendv_ps(f, _mm256_maskload_ps(p + 8, m_hi), _mm256_castsi256_ps(m_hi));
   return {lo, hi};
 }
 inline void store(float* p, V a) {
@@ -40,11 +41,21 @@ inline void store_tail(float* p, V a, int64_t n) {
   _mm256_maskstore_ps(p, tail_mask(n_lo), a.lo);
   _mm256_maskstore_ps(p + 8, tail_mask(n_hi), a.hi);
 }
-inline V set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
-inline V add(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
-inline V sub(V a, V b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
-inline V mul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
-inline V max(V a, V b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline V set1(float x) {
+  return {_mm256_set1_ps(x), _mm256_set1_ps(x)};
+}
+inline V add(V a, V b) {
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+inline V sub(V a, V b) {
+  return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)};
+}
+inline V mul(V a, V b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
+inline V max(V a, V b) {
+  return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)};
+}
 inline V fma(V a, V b, V c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
@@ -53,11 +64,13 @@ inline V round_even(V a) {
   return {_mm256_round_ps(a.lo, kMode), _mm256_round_ps(a.hi, kMode)};
 }
 inline __m256 ldexp8(__m256 p, __m256 n) {
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-inline V ldexp_int(V p, V n) { return {ldexp8(p.lo, n.lo), ldexp8(p.hi, n.hi)}; }
+inline V ldexp_int(V p, V n) {
+  return {ldexp8(p.lo, n.lo), ldexp8(p.hi, n.hi)};
+}
 inline V select_lt(V x, V t, V if_less, V otherwise) {
   const __m256 m_lo = _mm256_cmp_ps(x.lo, t.lo, _CMP_LT_OQ);
   const __m256 m_hi = _mm256_cmp_ps(x.hi, t.hi, _CMP_LT_OQ);
@@ -134,9 +147,9 @@ inline __m128i f32x8_to_bf16(__m256i bits) {
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_srli_epi32(
       _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i nan = _mm256_or_si256(
-      _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
-      _mm256_set1_epi32(0x7fc0));
+  const __m256i nan =
+      _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
+                      _mm256_set1_epi32(0x7fc0));
   const __m256i result = _mm256_blendv_epi8(rounded, nan, is_nan);
   // packus works within 128-bit halves; every value fits 16 bits, so no saturation happens.
   const __m256i packed = _mm256_packus_epi32(result, result);

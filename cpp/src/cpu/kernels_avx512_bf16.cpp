@@ -20,18 +20,36 @@ struct DV {
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
-inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline V load(const float* p) {
+  return {_mm512_loadu_ps(p)};
+}
 inline V load_tail(const float* p, int64_t n, float fill) {
   return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p)};
 }
-inline void store(float* p, V a) { _mm512_storeu_ps(p, a.x); }
-inline void store_tail(float* p, V a, int64_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), a.x); }
-inline V set1(float x) { return {_mm512_set1_ps(x)}; }
-inline V add(V a, V b) { return {_mm512_add_ps(a.x, b.x)}; }
-inline V sub(V a, V b) { return {_mm512_sub_ps(a.x, b.x)}; }
-inline V mul(V a, V b) { return {_mm512_mul_ps(a.x, b.x)}; }
-inline V max(V a, V b) { return {_mm512_max_ps(a.x, b.x)}; }
-inline V fma(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
+inline void store(float* p, V a) {
+  _mm512_storeu_ps(p, a.x);
+}
+inline void store_tail(float* p, V a, int64_t n) {
+  _mm512_mask_storeu_ps(p, tail_mask(n), a.x);
+}
+inline V set1(float x) {
+  return {_mm512_set1_ps(x)};
+}
+inline V add(V a, V b) {
+  return {_mm512_add_ps(a.x, b.x)};
+}
+inline V sub(V a, V b) {
+  return {_mm512_sub_ps(a.x, b.x)};
+}
+inline V mul(V a, V b) {
+  return {_mm512_mul_ps(a.x, b.x)};
+}
+inline V max(V a, V b) {
+  return {_mm512_max_ps(a.x, b.x)};
+}
+inline V fma(V a, V b, V c) {
+  return {_mm512_fmadd_ps(a.x, b.x, c.x)};
+}
 inline V round_even(V a) {
   return {_mm512_roundscale_ps(a.x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
@@ -47,13 +65,17 @@ inline bool any_nonfinite(V a, int64_t) {
   const __m512 d = _mm512_sub_ps(a.x, a.x);
   return _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q) != 0;
 }
-inline float reduce_max(V a) { return _mm512_reduce_max_ps(a.x); }
+inline float reduce_max(V a) {
+  return _mm512_reduce_max_ps(a.x);
+}
 inline int first_equal(V a, float value, int64_t n) {
   const unsigned bits =
       _mm512_mask_cmp_ps_mask(tail_mask(n), a.x, _mm512_set1_ps(value), _CMP_EQ_OQ);
   return bits ? __builtin_ctz(bits) : -1;
 }
-inline DV dzero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+inline DV dzero() {
+  return {_mm512_setzero_pd(), _mm512_setzero_pd()};
+}
 inline void dacc(DV& acc, V a) {
   acc.lo = _mm512_add_pd(acc.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a.x)));
   acc.hi = _mm512_add_pd(
@@ -91,9 +113,9 @@ inline __m256i f32x16_to_bf16_exact(__m512i bits) {
       _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   const __m512i abs = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
   const __mmask16 is_nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7f800000));
-  const __m512i nan = _mm512_or_si512(
-      _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x8000)),
-      _mm512_set1_epi32(0x7fc0));
+  const __m512i nan =
+      _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x8000)),
+                      _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan));
 }
 
@@ -102,10 +124,9 @@ inline __m256i f32x16_to_bf16(const float* src) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i abs = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
   // Lanes needing the exact path: NaN (abs > inf) or subnormal (0 < abs < FLT_MIN).
-  const __mmask16 special =
-      _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000)) |
-      (_mm512_cmplt_epu32_mask(abs, _mm512_set1_epi32(0x00800000)) &
-       _mm512_test_epi32_mask(abs, abs));
+  const __mmask16 special = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000)) |
+                            (_mm512_cmplt_epu32_mask(abs, _mm512_set1_epi32(0x00800000)) &
+                             _mm512_test_epi32_mask(abs, abs));
   const __m256i fast = (__m256i)_mm512_cvtneps_pbh(x);
   if (__builtin_expect(special == 0, 1)) return fast;
   return _mm256_mask_blend_epi16(special, fast, f32x16_to_bf16_exact(bits));

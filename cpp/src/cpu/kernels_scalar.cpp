@@ -28,7 +28,9 @@ inline V load_tail(const float* p, int64_t n, float fill) {
   for (int i = 0; i < 16; ++i) r.v[i] = i < n ? p[i] : fill;
   return r;
 }
-inline void store(float* p, V a) { std::memcpy(p, a.v, sizeof a.v); }
+inline void store(float* p, V a) {
+  std::memcpy(p, a.v, sizeof a.v);
+}
 inline void store_tail(float* p, V a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = a.v[i];
 }
@@ -37,14 +39,14 @@ inline V set1(float x) {
   for (float& lane : r.v) lane = x;
   return r;
 }
-#define PYSWITCH_LANEWISE(name, expr)      \
-  inline V name(V a, V b) {                \
-    V r;                                   \
-    for (int i = 0; i < 16; ++i) {         \
-      const float x = a.v[i], y = b.v[i];  \
-      r.v[i] = (expr);                     \
-    }                                      \
-    return r;                              \
+#define PYSWITCH_LANEWISE(name, expr)     \
+  inline V name(V a, V b) {               \
+    V r;                                  \
+    for (int i = 0; i < 16; ++i) {        \
+      const float x = a.v[i], y = b.v[i]; \
+      r.v[i] = (expr);                    \
+    }                                     \
+    return r;                             \
   }
 PYSWITCH_LANEWISE(add, x + y)
 PYSWITCH_LANEWISE(sub, x - y)
@@ -93,11 +95,15 @@ inline int first_equal(V a, float value, int64_t n) {
   }
   return -1;
 }
-inline DV dzero() { return DV{}; }
+inline DV dzero() {
+  return DV{};
+}
 inline void dacc(DV& acc, V a) {
   for (int i = 0; i < 16; ++i) acc.v[i] += static_cast<double>(a.v[i]);
 }
-inline void dstore(double* out, DV a) { std::memcpy(out, a.v, sizeof a.v); }
+inline void dstore(double* out, DV a) {
+  std::memcpy(out, a.v, sizeof a.v);
+}
 inline void daccumulate_scaled(double* dst, V a, double s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<double>(a.v[i]) * s;
 }

@@ -137,15 +137,13 @@ void route_rows_impl(cpu::RouteRowsArgs& a) {
       }
     }
     for (int64_t choice = 0; choice < k; ++choice) {
-      gate_out[choice] =
-          static_cast<float>(static_cast<double>(exps[index_out[choice]]) * inv_sum);
+      gate_out[choice] = static_cast<float>(static_cast<double>(exps[index_out[choice]]) * inv_sum);
     }
     if (a.top1_prob) a.top1_prob[r] = static_cast<float>(inv_sum);  // exp(0) == 1 exactly
   }
 }
 
-void softmax_rows_impl(const float* logits, int64_t rows, int64_t E, float* probs,
-                       float* scratch) {
+void softmax_rows_impl(const float* logits, int64_t rows, int64_t E, float* probs, float* scratch) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = logits + r * E;
     float mx;

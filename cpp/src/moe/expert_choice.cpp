@@ -15,11 +15,11 @@ ExpertChoicePlan route_expert_choice(const float* logits, int64_t T, int64_t E,
   const char* where = "route_expert_choice";
   PYSWITCH_CHECK_ARG(T >= 1, where, ": logits must have at least one token row, got shape (", T,
                      ", ", E, ")");
-  PYSWITCH_CHECK_ARG(E >= 1, where, ": logits must have at least one expert column, got shape (",
-                     T, ", ", E, ")");
-  PYSWITCH_CHECK_ARG(T <= std::numeric_limits<int32_t>::max() &&
-                         E <= std::numeric_limits<int32_t>::max(),
-                     where, ": logits shape (", T, ", ", E, ") is too large");
+  PYSWITCH_CHECK_ARG(E >= 1, where, ": logits must have at least one expert column, got shape (", T,
+                     ", ", E, ")");
+  PYSWITCH_CHECK_ARG(
+      T <= std::numeric_limits<int32_t>::max() && E <= std::numeric_limits<int32_t>::max(), where,
+      ": logits shape (", T, ", ", E, ") is too large");
   PYSWITCH_CHECK_ARG(std::isfinite(capacity_factor) && capacity_factor > 0, where,
                      ": capacity_factor must be finite and > 0, got ", capacity_factor);
   PYSWITCH_CHECK_ARG(group_size >= 0, where, ": group_size must be positive, got ", group_size);
@@ -32,8 +32,8 @@ ExpertChoicePlan route_expert_choice(const float* logits, int64_t T, int64_t E,
   const int64_t S = group_size > 0 ? group_size : T;
   const int64_t G = T / S;
   const double raw = std::floor(capacity_factor * static_cast<double>(S) / static_cast<double>(E));
-  const int64_t C =
-      std::min(S, std::max<int64_t>(1, raw < static_cast<double>(S) ? static_cast<int64_t>(raw) : S));
+  const int64_t C = std::min(
+      S, std::max<int64_t>(1, raw < static_cast<double>(S) ? static_cast<int64_t>(raw) : S));
 
   ExpertChoicePlan plan;
   plan.num_tokens = T;

@@ -30,14 +30,12 @@ void validate_route(const char* where, int64_t T, int64_t E, const RouteOptions&
                      shape_text(T, E));
   PYSWITCH_CHECK_ARG(E >= 1, where, ": logits must have at least one expert column, got shape ",
                      shape_text(T, E));
-  PYSWITCH_CHECK_ARG(T <= std::numeric_limits<int32_t>::max() &&
-                         E <= std::numeric_limits<int32_t>::max(),
-                     where, ": logits shape ", shape_text(T, E),
-                     " is too large (each dimension must be < 2^31)");
-  PYSWITCH_CHECK_ARG(o.k >= 1 && o.k <= E, where, ": k must be in [1, num_experts=", E,
-                     "], got ", o.k);
-  PYSWITCH_CHECK_ARG(o.group_size >= 0, where, ": group_size must be positive, got ",
-                     o.group_size);
+  PYSWITCH_CHECK_ARG(
+      T <= std::numeric_limits<int32_t>::max() && E <= std::numeric_limits<int32_t>::max(), where,
+      ": logits shape ", shape_text(T, E), " is too large (each dimension must be < 2^31)");
+  PYSWITCH_CHECK_ARG(o.k >= 1 && o.k <= E, where, ": k must be in [1, num_experts=", E, "], got ",
+                     o.k);
+  PYSWITCH_CHECK_ARG(o.group_size >= 0, where, ": group_size must be positive, got ", o.group_size);
   if (o.group_size > 0) {
     PYSWITCH_CHECK_ARG(T % o.group_size == 0, where, ": group_size=", o.group_size,
                        " must divide the number of tokens T=", T);
@@ -49,12 +47,12 @@ void validate_route(const char* where, int64_t T, int64_t E, const RouteOptions&
   }
   PYSWITCH_CHECK_ARG(o.min_capacity >= 0, where, ": min_capacity must be >= 0, got ",
                      o.min_capacity);
-  PYSWITCH_CHECK_ARG(!(o.normalize_gates && o.k == 1), where,
-                     ": normalize_gates=True needs k > 1 (with k=1 every gate would be 1), got k=1");
+  PYSWITCH_CHECK_ARG(
+      !(o.normalize_gates && o.k == 1), where,
+      ": normalize_gates=True needs k > 1 (with k=1 every gate would be 1), got k=1");
 }
 
-[[noreturn]] void throw_nonfinite(const char* where, const float* logits, int64_t E,
-                                  int64_t row) {
+[[noreturn]] void throw_nonfinite(const char* where, const float* logits, int64_t E, int64_t row) {
   const float* values = logits + row * E;
   int64_t column = 0;
   while (column < E && std::isfinite(values[column])) ++column;
@@ -81,8 +79,8 @@ int64_t expert_capacity(int64_t S, int64_t E, int64_t k, double capacity_factor,
                         int64_t min_capacity, CapacityRounding rounding) {
   // Same operation order as the SPEC formula, cf * k * S / E, so references written plainly in
   // float64 agree exactly.
-  const double raw = capacity_factor * static_cast<double>(k) * static_cast<double>(S) /
-                     static_cast<double>(E);
+  const double raw =
+      capacity_factor * static_cast<double>(k) * static_cast<double>(S) / static_cast<double>(E);
   const double rounded = rounding == CapacityRounding::floor ? std::floor(raw) : std::ceil(raw);
   int64_t capacity = rounded < static_cast<double>(S) ? static_cast<int64_t>(rounded) : S;
   capacity = std::max(capacity, min_capacity);
@@ -226,8 +224,9 @@ RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions&
       for (int64_t u = g * units_per_group; u < (g + 1) * units_per_group; ++u) {
         prob_sum += unit_prob[static_cast<size_t>(u * E + i)];
       }
-      const double f = static_cast<double>(plan.group_expert_count[static_cast<size_t>(g * E + i)]) /
-                       static_cast<double>(S * k);
+      const double f =
+          static_cast<double>(plan.group_expert_count[static_cast<size_t>(g * E + i)]) /
+          static_cast<double>(S * k);
       group_sum += f * (prob_sum / static_cast<double>(S));
       plan.tokens_per_expert[static_cast<size_t>(i)] +=
           plan.group_expert_count[static_cast<size_t>(g * E + i)];
@@ -272,7 +271,8 @@ void route_backward(const float* logits, const RoutingPlan& plan, const float* d
                                (static_cast<double>(S) * static_cast<double>(S * k) * G);
       for (int64_t i = 0; i < E; ++i) {
         d_prob[static_cast<size_t>(i)] =
-            aux_scale * static_cast<double>(plan.group_expert_count[static_cast<size_t>(g * E + i)]);
+            aux_scale *
+            static_cast<double>(plan.group_expert_count[static_cast<size_t>(g * E + i)]);
       }
       if (plan.normalize_gates) {
         double sum = 0, weighted = 0;
@@ -292,7 +292,8 @@ void route_backward(const float* logits, const RoutingPlan& plan, const float* d
       }
       // Softmax backward, plus the z-loss term 2 * lse * p / T taken directly on the logits.
       double dot = 0;
-      for (int64_t i = 0; i < E; ++i) dot += static_cast<double>(p[i]) * d_prob[static_cast<size_t>(i)];
+      for (int64_t i = 0; i < E; ++i)
+        dot += static_cast<double>(p[i]) * d_prob[static_cast<size_t>(i)];
       const float* row = logits + t * E;
       double lse = 0;
       if (z_coef != 0) {
@@ -328,13 +329,13 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
   validate_route("Router", stand_in_tokens, num_experts, check);
   if (options.eval_capacity_factor) {
     check.capacity_factor = options.eval_capacity_factor;
-    PYSWITCH_CHECK_ARG(std::isfinite(*options.eval_capacity_factor) &&
-                           *options.eval_capacity_factor > 0,
-                       "Router: eval_capacity_factor must be finite and > 0 (or None), got ",
-                       *options.eval_capacity_factor);
+    PYSWITCH_CHECK_ARG(
+        std::isfinite(*options.eval_capacity_factor) && *options.eval_capacity_factor > 0,
+        "Router: eval_capacity_factor must be finite and > 0 (or None), got ",
+        *options.eval_capacity_factor);
   }
-  PYSWITCH_CHECK_ARG(options.jitter_eps >= 0 && options.jitter_eps < 1, "Router: jitter_eps must be in [0, 1), got ",
-                     options.jitter_eps);
+  PYSWITCH_CHECK_ARG(options.jitter_eps >= 0 && options.jitter_eps < 1,
+                     "Router: jitter_eps must be in [0, 1), got ", options.jitter_eps);
   PYSWITCH_CHECK_ARG(std::isfinite(options.init_scale) && options.init_scale > 0,
                      "Router: init_scale must be finite and > 0, got ", options.init_scale);
   weight_.resize(static_cast<size_t>(d_model * num_experts));
@@ -345,8 +346,8 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
 }
 
 const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool training) {
-  PYSWITCH_CHECK_ARG(T >= 1, "Router.forward: x must have at least one token row, got shape (",
-                     T, ", ", d_model_, ")");
+  PYSWITCH_CHECK_ARG(T >= 1, "Router.forward: x must have at least one token row, got shape (", T,
+                     ", ", d_model_, ")");
   const int64_t n = T * d_model_;
   has_forward_ = false;
   x_used_.resize(static_cast<size_t>(n));
@@ -360,7 +361,8 @@ const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool t
     jitter_.resize(static_cast<size_t>(n));
     const float eps = static_cast<float>(options_.jitter_eps);
     uniform(jitter_.data(), n, 1.0f - eps, 1.0f + eps, options_.seed, 1 + training_steps_++);
-    for (int64_t i = 0; i < n; ++i) x_used_[static_cast<size_t>(i)] *= jitter_[static_cast<size_t>(i)];
+    for (int64_t i = 0; i < n; ++i)
+      x_used_[static_cast<size_t>(i)] *= jitter_[static_cast<size_t>(i)];
   }
   logits_.resize(static_cast<size_t>(T * num_experts_));
   detail::sgemm(false, false, T, num_experts_, d_model_, 1.0f, x_used_.data(), d_model_,
@@ -374,8 +376,9 @@ const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool t
 }
 
 void Router::backward(const float* d_gate, double aux_coef, double z_coef, void* dx) {
-  PYSWITCH_CHECK_STATE(has_forward_, "Router.backward: no forward pass to differentiate; call "
-                                     "forward(x) first");
+  PYSWITCH_CHECK_STATE(has_forward_,
+                       "Router.backward: no forward pass to differentiate; call "
+                       "forward(x) first");
   const int64_t T = plan_.num_tokens, E = num_experts_, d = d_model_;
   std::vector<float> d_logits(static_cast<size_t>(T * E));
   route_backward(logits_.data(), plan_, d_gate, aux_coef, z_coef, d_logits.data());
@@ -387,8 +390,7 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
     dx_f32.resize(static_cast<size_t>(T * d));
     dx_out = dx_f32.data();
   }
-  detail::sgemm(false, true, T, d, E, 1.0f, d_logits.data(), E, weight_.data(), E, 0.0f, dx_out,
-                d);
+  detail::sgemm(false, true, T, d, E, 1.0f, d_logits.data(), E, weight_.data(), E, 0.0f, dx_out, d);
   if (!jitter_.empty()) {
     for (int64_t i = 0; i < T * d; ++i) dx_out[i] *= jitter_[static_cast<size_t>(i)];
   }

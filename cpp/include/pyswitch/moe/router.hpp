@@ -22,13 +22,13 @@ Priority parse_priority(const std::string& name);
 CapacityRounding parse_capacity_rounding(const std::string& name);
 
 struct RouteOptions {
-  int64_t k = 1;                                ///< experts per token, 1 <= k <= E
-  std::optional<double> capacity_factor = 1.25; ///< nullopt = dropless
-  int64_t min_capacity = 4;                     ///< >= 0
-  int64_t group_size = 0;                       ///< tokens per group; 0 = all tokens, one group
+  int64_t k = 1;                                 ///< experts per token, 1 <= k <= E
+  std::optional<double> capacity_factor = 1.25;  ///< nullopt = dropless
+  int64_t min_capacity = 4;                      ///< >= 0
+  int64_t group_size = 0;                        ///< tokens per group; 0 = all tokens, one group
   Priority priority = Priority::position;
   CapacityRounding capacity_rounding = CapacityRounding::floor;
-  bool normalize_gates = false;                 ///< k > 1 only
+  bool normalize_gates = false;  ///< k > 1 only
 };
 
 /// Capacity per expert per group: min(S, max(min_capacity, round(cf * k * S / E))) with round =
@@ -41,18 +41,18 @@ struct RoutingPlan {
   int64_t num_tokens = 0;   ///< T
   int64_t num_experts = 0;  ///< E
   int64_t k = 0;
-  int64_t group_size = 0;   ///< S
-  int64_t num_groups = 0;   ///< G = T / S
-  int64_t capacity = 0;     ///< C, rows per expert per group; dropless: the largest count
-  int64_t dropped = 0;      ///< assignments past capacity
-  double aux_loss = 0;      ///< unscaled load-balancing loss
-  double z_loss = 0;        ///< unscaled router z-loss
+  int64_t group_size = 0;  ///< S
+  int64_t num_groups = 0;  ///< G = T / S
+  int64_t capacity = 0;    ///< C, rows per expert per group; dropless: the largest count
+  int64_t dropped = 0;     ///< assignments past capacity
+  double aux_loss = 0;     ///< unscaled load-balancing loss
+  double z_loss = 0;       ///< unscaled router z-loss
   bool normalize_gates = false;
-  std::vector<int32_t> expert_index;       ///< (T, k), descending probability
-  std::vector<float> gate;                 ///< (T, k), exactly 0 where dropped
-  std::vector<int32_t> slot;               ///< (T, k), -1 = dropped; group g starts at g*C
-  std::vector<int64_t> tokens_per_expert;  ///< (E,), all groups, before capacity
-  std::vector<int64_t> group_expert_count; ///< (G, E), before capacity: the f_i of the aux loss
+  std::vector<int32_t> expert_index;        ///< (T, k), descending probability
+  std::vector<float> gate;                  ///< (T, k), exactly 0 where dropped
+  std::vector<int32_t> slot;                ///< (T, k), -1 = dropped; group g starts at g*C
+  std::vector<int64_t> tokens_per_expert;   ///< (E,), all groups, before capacity
+  std::vector<int64_t> group_expert_count;  ///< (G, E), before capacity: the f_i of the aux loss
 };
 
 /// Routes T tokens given their router logits.
@@ -103,10 +103,10 @@ void check_logits_finite(const char* where, const float* logits, int64_t num_tok
 /// The router layer: logits = float32(x * jitter) @ W with W (d_model, E) float32 ("selective
 /// precision": the cast happens before the matmul even for bfloat16 x), then route().
 struct RouterOptions {
-  RouteOptions route;                ///< capacity_factor here is the training one
+  RouteOptions route;  ///< capacity_factor here is the training one
   std::optional<double> eval_capacity_factor = 2.0;
-  double jitter_eps = 1e-2;          ///< multiplicative U(1-eps, 1+eps), training only; 0 = off
-  double init_scale = 0.1;           ///< truncated normal, std = sqrt(init_scale / d_model)
+  double jitter_eps = 1e-2;  ///< multiplicative U(1-eps, 1+eps), training only; 0 = off
+  double init_scale = 0.1;   ///< truncated normal, std = sqrt(init_scale / d_model)
   uint64_t seed = 0;
 };
 
