@@ -8,6 +8,14 @@ from ml_dtypes import bfloat16
 
 from . import _core
 from ._core import CheckpointError, CommError, CommTimeout, Error
+from .dispatch import (
+    DispatchLayout,
+    combine,
+    combine_backward,
+    dispatch,
+    dispatch_backward,
+    dispatch_layout,
+)
 from .numerics import to_bfloat16, to_float32
 from .routing import ExpertChoicePlan, Router, RoutingPlan, route, route_expert_choice
 from .runtime import (
@@ -40,4 +48,10 @@ __all__ = [
     "RoutingPlan",
     "ExpertChoicePlan",
     "Router",
+    "DispatchLayout",
+    "dispatch_layout",
+    "dispatch",
+    "combine",
+    "combine_backward",
+    "dispatch_backward",
 ]

@@ -205,8 +205,9 @@ def route_expert_choice(logits, *, capacity_factor=2.0, group_size=None) -> Expe
 def routing_objective(plan: Plan, d_gate, aux_loss_coef=0.0, z_loss_coef=0.0) -> float:
     """J = sum(d_gate * gate) + aux_loss_coef * aux_loss + z_loss_coef * z_loss."""
     d_gate = np.asarray(d_gate, dtype=np.float64)
-    return float(np.sum(d_gate * plan.gate) + aux_loss_coef * plan.aux_loss
-                 + z_loss_coef * plan.z_loss)
+    return float(
+        np.sum(d_gate * plan.gate) + aux_loss_coef * plan.aux_loss + z_loss_coef * plan.z_loss
+    )
 
 
 def logits_grad(
@@ -265,7 +266,14 @@ class RouterGrads:
 
 
 def router_backward(
-    x_router, weight, d_gate, *, logits=None, jitter=None, aux_loss_coef=0.0, z_loss_coef=0.0,
+    x_router,
+    weight,
+    d_gate,
+    *,
+    logits=None,
+    jitter=None,
+    aux_loss_coef=0.0,
+    z_loss_coef=0.0,
     **route_kwargs,
 ) -> RouterGrads:
     """Reference forward + backward of the router layer ``logits = (x * jitter) @ weight``.
@@ -282,7 +290,11 @@ def router_backward(
     L = xj @ W if logits is None else np.asarray(logits, dtype=np.float64)
     plan = route(L, **route_kwargs)
     dL = logits_grad(
-        L, plan, d_gate, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+        L,
+        plan,
+        d_gate,
+        aux_loss_coef=aux_loss_coef,
+        z_loss_coef=z_loss_coef,
         normalize_gates=route_kwargs.get("normalize_gates", False),
     )
     return RouterGrads(
@@ -294,8 +306,9 @@ def router_backward(
     )
 
 
-def router_objective(x_router, weight, d_gate, *, aux_loss_coef=0.0, z_loss_coef=0.0,
-                     **route_kwargs) -> float:
+def router_objective(
+    x_router, weight, d_gate, *, aux_loss_coef=0.0, z_loss_coef=0.0, **route_kwargs
+) -> float:
     """J(x, weight) recomputed from scratch in float64 (for finite differences)."""
     L = np.asarray(x_router, np.float64) @ np.asarray(weight, np.float64)
     plan = route(L, **route_kwargs)

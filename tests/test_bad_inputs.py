@@ -60,51 +60,97 @@ ROUTE_CASES = [
     Case("k<0", route(f32(8, 4), k=-1), ValueError, ("k", "-1")),
     Case("group_size=0", route(f32(8, 4), group_size=0), ValueError, ("group_size", "0")),
     Case("group_size<0", route(f32(8, 4), group_size=-2), ValueError, ("group_size", "-2")),
-    Case("group_size not dividing T", route(f32(8, 4), group_size=3), ValueError,
-         ("group_size", "3")),
+    Case(
+        "group_size not dividing T", route(f32(8, 4), group_size=3), ValueError, ("group_size", "3")
+    ),
     Case("group_size > T", route(f32(8, 4), group_size=16), ValueError, ("group_size", "16")),
-    Case("capacity_factor=0", route(f32(8, 4), capacity_factor=0.0), ValueError,
-         ("capacity_factor", "0")),
-    Case("capacity_factor<0", route(f32(8, 4), capacity_factor=-1.0), ValueError,
-         ("capacity_factor", "-1")),
-    Case("capacity_factor=nan", route(f32(8, 4), capacity_factor=math.nan), ValueError,
-         ("capacity_factor", "nan")),
-    Case("capacity_factor=inf", route(f32(8, 4), capacity_factor=math.inf), ValueError,
-         ("capacity_factor", "inf")),
-    Case("min_capacity<0", route(f32(8, 4), min_capacity=-1), ValueError,
-         ("min_capacity", "-1")),
-    Case("unknown priority", route(f32(8, 4), priority="random"), ValueError,
-         ("priority", "random")),
-    Case("unknown capacity_rounding", route(f32(8, 4), capacity_rounding="round"), ValueError,
-         ("capacity_rounding", "round")),
-    Case("normalize_gates with k=1", route(f32(8, 4), normalize_gates=True), ValueError,
-         ("normalize_gates",)),
+    Case(
+        "capacity_factor=0",
+        route(f32(8, 4), capacity_factor=0.0),
+        ValueError,
+        ("capacity_factor", "0"),
+    ),
+    Case(
+        "capacity_factor<0",
+        route(f32(8, 4), capacity_factor=-1.0),
+        ValueError,
+        ("capacity_factor", "-1"),
+    ),
+    Case(
+        "capacity_factor=nan",
+        route(f32(8, 4), capacity_factor=math.nan),
+        ValueError,
+        ("capacity_factor", "nan"),
+    ),
+    Case(
+        "capacity_factor=inf",
+        route(f32(8, 4), capacity_factor=math.inf),
+        ValueError,
+        ("capacity_factor", "inf"),
+    ),
+    Case("min_capacity<0", route(f32(8, 4), min_capacity=-1), ValueError, ("min_capacity", "-1")),
+    Case(
+        "unknown priority", route(f32(8, 4), priority="random"), ValueError, ("priority", "random")
+    ),
+    Case(
+        "unknown capacity_rounding",
+        route(f32(8, 4), capacity_rounding="round"),
+        ValueError,
+        ("capacity_rounding", "round"),
+    ),
+    Case(
+        "normalize_gates with k=1",
+        route(f32(8, 4), normalize_gates=True),
+        ValueError,
+        ("normalize_gates",),
+    ),
     Case("nan in row 2", route(with_value(8, 4, [2], np.nan)), ValueError, ("row 2",)),
-    Case("+inf in rows 5 and 1", route(with_value(8, 4, [5, 1], np.inf)), ValueError,
-         ("row 1",)),
+    Case("+inf in rows 5 and 1", route(with_value(8, 4, [5, 1], np.inf)), ValueError, ("row 1",)),
     Case("-inf in row 0", route(with_value(8, 4, [0], -np.inf)), ValueError, ("row 0",)),
-    Case("nan in row 10 of group 2", route(with_value(12, 4, [10], np.nan), group_size=4),
-         ValueError, ("row 10",)),
-    Case("nan in last row, k=2", route(with_value(7, 3, [6], np.nan), k=2), ValueError,
-         ("row 6",)),
+    Case(
+        "nan in row 10 of group 2",
+        route(with_value(12, 4, [10], np.nan), group_size=4),
+        ValueError,
+        ("row 10",),
+    ),
+    Case("nan in last row, k=2", route(with_value(7, 3, [6], np.nan), k=2), ValueError, ("row 6",)),
     Case("float64 logits", route(np.zeros((8, 4))), TypeError, ("logits", "float64")),
     Case("int32 logits", route(np.zeros((8, 4), np.int32)), TypeError, ("logits", "int32")),
-    Case("float16 logits", route(np.zeros((8, 4), np.float16)), TypeError,
-         ("logits", "float16")),
-    Case("bfloat16 logits", route(np.zeros((8, 4), pyswitch.bfloat16)), TypeError,
-         ("logits", "bfloat16")),
+    Case("float16 logits", route(np.zeros((8, 4), np.float16)), TypeError, ("logits", "float16")),
+    Case(
+        "bfloat16 logits",
+        route(np.zeros((8, 4), pyswitch.bfloat16)),
+        TypeError,
+        ("logits", "bfloat16"),
+    ),
     Case("string logits", route("abc"), TypeError, ("logits",)),
     Case("None logits", route(None), TypeError, ("logits",)),
     Case("k as float", route(f32(8, 4), k=1.0), TypeError, ("k",)),
     Case("k as str", route(f32(8, 4), k="2"), TypeError, ("k",)),
-    Case("capacity_factor as str", route(f32(8, 4), capacity_factor="1.25"), TypeError,
-         ("capacity_factor",)),
-    Case("EC: capacity_factor=0", ec(f32(8, 4), capacity_factor=0.0), ValueError,
-         ("capacity_factor", "0")),
-    Case("EC: capacity_factor=nan", ec(f32(8, 4), capacity_factor=math.nan), ValueError,
-         ("capacity_factor", "nan")),
-    Case("EC: group_size not dividing T", ec(f32(8, 4), group_size=3), ValueError,
-         ("group_size", "3")),
+    Case(
+        "capacity_factor as str",
+        route(f32(8, 4), capacity_factor="1.25"),
+        TypeError,
+        ("capacity_factor",),
+    ),
+    Case(
+        "EC: capacity_factor=0",
+        ec(f32(8, 4), capacity_factor=0.0),
+        ValueError,
+        ("capacity_factor", "0"),
+    ),
+    Case(
+        "EC: capacity_factor=nan",
+        ec(f32(8, 4), capacity_factor=math.nan),
+        ValueError,
+        ("capacity_factor", "nan"),
+    ),
+    Case(
+        "EC: group_size not dividing T",
+        ec(f32(8, 4), group_size=3),
+        ValueError,
+        ("group_size", "3"),
+    ),
     Case("EC: 3-D logits", ec(f32(2, 3, 4)), ValueError, ("logits", "(2, 3, 4)")),
     Case("EC: no tokens", ec(f32(0, 4)), ValueError, ("logits", "(0, 4)")),
     Case("EC: float64 logits", ec(np.zeros((8, 4))), TypeError, ("logits", "float64")),
@@ -120,6 +166,7 @@ def _forward(x, **kw):
     def call():
         r = _router(**kw)
         return r.forward(x)
+
     return call
 
 
@@ -132,6 +179,7 @@ def _backward(d_gate, k=1):
         r = _router(k=k)
         r.forward(np.ones((8, 4), np.float32))
         return r.backward(d_gate)
+
     return call
 
 
@@ -143,40 +191,70 @@ def _construct_and_forward(**kw):
 ROUTER_CASES = [
     Case("Router d_model=0", lambda: pyswitch.Router(0, 4), ValueError, ("d_model", "0")),
     Case("Router d_model<0", lambda: pyswitch.Router(-3, 4), ValueError, ("d_model", "-3")),
-    Case("Router num_experts=0", lambda: pyswitch.Router(4, 0), ValueError,
-         ("num_experts", "0")),
-    Case("Router num_experts<0", lambda: pyswitch.Router(4, -1), ValueError,
-         ("num_experts", "-1")),
-    Case("Router dtype float16", lambda: pyswitch.Router(4, 4, dtype="float16"), ValueError,
-         ("dtype", "float16")),
+    Case("Router num_experts=0", lambda: pyswitch.Router(4, 0), ValueError, ("num_experts", "0")),
+    Case("Router num_experts<0", lambda: pyswitch.Router(4, -1), ValueError, ("num_experts", "-1")),
+    Case(
+        "Router dtype float16",
+        lambda: pyswitch.Router(4, 4, dtype="float16"),
+        ValueError,
+        ("dtype", "float16"),
+    ),
     Case("Router k>E", _construct_and_forward(k=5), ValueError, ("k", "5")),
-    Case("Router capacity_factor=0", _construct_and_forward(capacity_factor=0.0), ValueError,
-         ("capacity_factor",)),
-    Case("Router eval_capacity_factor<0", _construct_and_forward(eval_capacity_factor=-1.0),
-         ValueError, ("capacity_factor",)),
-    Case("Router jitter_eps<0", _construct_and_forward(jitter_eps=-0.1), ValueError,
-         ("jitter_eps",)),
-    Case("Router unknown priority", _construct_and_forward(priority="x"), ValueError,
-         ("priority",)),
-    Case("Router group_size not dividing T", _construct_and_forward(group_size=3), ValueError,
-         ("group_size", "3")),
-    Case("forward x wrong width", _forward(np.ones((3, 5), np.float32)), ValueError,
-         ("(3, 5)",)),
+    Case(
+        "Router capacity_factor=0",
+        _construct_and_forward(capacity_factor=0.0),
+        ValueError,
+        ("capacity_factor",),
+    ),
+    Case(
+        "Router eval_capacity_factor<0",
+        _construct_and_forward(eval_capacity_factor=-1.0),
+        ValueError,
+        ("capacity_factor",),
+    ),
+    Case(
+        "Router jitter_eps<0", _construct_and_forward(jitter_eps=-0.1), ValueError, ("jitter_eps",)
+    ),
+    Case(
+        "Router unknown priority", _construct_and_forward(priority="x"), ValueError, ("priority",)
+    ),
+    Case(
+        "Router group_size not dividing T",
+        _construct_and_forward(group_size=3),
+        ValueError,
+        ("group_size", "3"),
+    ),
+    Case("forward x wrong width", _forward(np.ones((3, 5), np.float32)), ValueError, ("(3, 5)",)),
     Case("forward x 1-D", _forward(np.ones(4, np.float32)), ValueError, ("x",)),
-    Case("forward x 3-D", _forward(np.ones((2, 3, 4), np.float32)), ValueError,
-         ("(2, 3, 4)",)),
+    Case("forward x 3-D", _forward(np.ones((2, 3, 4), np.float32)), ValueError, ("(2, 3, 4)",)),
     Case("forward x no tokens", _forward(np.ones((0, 4), np.float32)), ValueError, ("(0, 4)",)),
     Case("forward x int32", _forward(np.ones((8, 4), np.int32)), TypeError, ("int32",)),
-    Case("forward x with nan in row 5", _forward(with_value(8, 4, [5], np.nan)), ValueError,
-         ("row 5",)),
+    Case(
+        "forward x with nan in row 5",
+        _forward(with_value(8, 4, [5], np.nan)),
+        ValueError,
+        ("row 5",),
+    ),
     Case("backward before forward", _backward_before_forward, pyswitch.Error, ("forward",)),
-    Case("backward d_gate too wide", _backward(np.zeros((8, 2), np.float32)), ValueError,
-         ("d_gate", "(8, 2)")),
-    Case("backward d_gate too long", _backward(np.zeros((9, 1), np.float32)), ValueError,
-         ("d_gate", "(9, 1)")),
+    Case(
+        "backward d_gate too wide",
+        _backward(np.zeros((8, 2), np.float32)),
+        ValueError,
+        ("d_gate", "(8, 2)"),
+    ),
+    Case(
+        "backward d_gate too long",
+        _backward(np.zeros((9, 1), np.float32)),
+        ValueError,
+        ("d_gate", "(9, 1)"),
+    ),
     Case("backward d_gate 1-D", _backward(np.zeros(8, np.float32)), ValueError, ("d_gate",)),
-    Case("backward d_gate k=2 given (8, 1)", _backward(np.zeros((8, 1), np.float32), k=2),
-         ValueError, ("d_gate", "(8, 1)")),
+    Case(
+        "backward d_gate k=2 given (8, 1)",
+        _backward(np.zeros((8, 1), np.float32), k=2),
+        ValueError,
+        ("d_gate", "(8, 1)"),
+    ),
 ]
 
 ALL_CASES = ROUTE_CASES + ROUTER_CASES
@@ -216,8 +294,9 @@ def test_bad_inputs_do_not_crash_the_interpreter():
     )
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + sys.path))
-    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     assert "survived" in done.stdout
 
@@ -252,8 +331,9 @@ def test_extreme_finite_logits_give_valid_plans(values, k):
     T, E = logits.shape
     for fn in (
         lambda: pyswitch.route(logits, k=k, capacity_factor=None),
-        lambda: pyswitch.route(logits, k=k, priority="batch_prioritized", min_capacity=1,
-                               normalize_gates=k > 1),
+        lambda: pyswitch.route(
+            logits, k=k, priority="batch_prioritized", min_capacity=1, normalize_gates=k > 1
+        ),
     ):
         plan = fn()
         assert ((plan.expert_index >= 0) & (plan.expert_index < E)).all()
@@ -265,3 +345,34 @@ def test_extreme_finite_logits_give_valid_plans(values, k):
     ec = pyswitch.route_expert_choice(logits, capacity_factor=1.0)
     assert ((ec.token_index >= 0) & (ec.token_index < T)).all()
     assert not np.isnan(ec.gate).any()
+
+
+@pytest.mark.parametrize("column", [0, 31, 66])
+def test_first_non_finite_row_is_reported_on_every_isa_and_thread_count(column):
+    """Large input (parallel / SIMD validation): still the FIRST bad row, in any column."""
+    from isa_utils import all_configs, cpu_config
+
+    logits = np.random.default_rng(0).standard_normal((4096, 67)).astype(np.float32)
+    logits[3500, 5] = np.nan
+    logits[3001, column] = -np.inf
+    logits[4095, 66] = np.nan
+    for isa, threads in all_configs():
+        with cpu_config(isa=isa, threads=threads):
+            with pytest.raises(ValueError, match=fragment_pattern("row 3001")):
+                pyswitch.route(logits, k=2, group_size=512)
+            with pytest.raises(ValueError, match=fragment_pattern("row 3001")):
+                pyswitch.route_expert_choice(logits, group_size=1024)
+
+
+def test_numpy_scalars_are_accepted_as_arguments():
+    logits = np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)
+    a = pyswitch.route(
+        logits,
+        k=np.int64(2),
+        capacity_factor=np.float64(1.25),
+        min_capacity=np.int32(1),
+        group_size=np.int64(4),
+    )
+    b = pyswitch.route(logits, k=2, capacity_factor=1.25, min_capacity=1, group_size=4)
+    np.testing.assert_array_equal(a.slot, b.slot)
+    np.testing.assert_array_equal(a.gate, b.gate)

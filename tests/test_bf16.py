@@ -35,39 +35,92 @@ def assert_bf16_bits_equal(got, x):
     bad = np.nonzero((g != e).ravel())[0]
     if bad.size:
         xb = np.ascontiguousarray(x).view(np.uint32).ravel()
-        rows = [f"f32 0x{xb[i]:08x} -> got 0x{g.ravel()[i]:04x}, ml_dtypes 0x{e.ravel()[i]:04x}"
-                for i in bad[:8]]
+        rows = [
+            f"f32 0x{xb[i]:08x} -> got 0x{g.ravel()[i]:04x}, ml_dtypes 0x{e.ravel()[i]:04x}"
+            for i in bad[:8]
+        ]
         raise AssertionError(f"{bad.size} mismatches, e.g.\n" + "\n".join(rows))
 
 
 SPECIALS = np.array(
     [
-        0x00000000, 0x80000000,  # +-0
-        0x7F800000, 0xFF800000,  # +-inf
-        0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001,  # quiet / signalling NaNs
-        0x7FBFFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC12345, 0xFFA00000, 0x7F80FFFF, 0x7F810000,
-        0x00000001, 0x80000001,  # smallest subnormals
-        0x007FFFFF, 0x807FFFFF,  # largest subnormals
-        0x00008000, 0x00018000, 0x00007FFF, 0x00008001,  # subnormal ties / near ties
-        0x007F8000, 0x007F7FFF, 0x00408000, 0x00418000,
-        0x00800000, 0x80800000,  # smallest normals
-        0x7F7FFFFF, 0xFF7FFFFF,  # FLT_MAX
-        0x7F7F7FFF, 0x7F7F8000, 0x7F7F8001,  # just below / at / above the overflow tie
-        0x7F7E8000, 0x7F7EFFFF, 0xFF7F8000, 0xFF7F7FFF,
-        0x3F800000, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001,  # round-to-even ties
-        0xBF808000, 0xBF818000, 0x3FFF8000, 0x3FFFFFFF, 0x4B7F8000,
+        0x00000000,
+        0x80000000,  # +-0
+        0x7F800000,
+        0xFF800000,  # +-inf
+        0x7FC00000,
+        0xFFC00000,
+        0x7F800001,
+        0xFF800001,  # quiet / signalling NaNs
+        0x7FBFFFFF,
+        0x7FFFFFFF,
+        0xFFFFFFFF,
+        0x7FC12345,
+        0xFFA00000,
+        0x7F80FFFF,
+        0x7F810000,
+        0x00000001,
+        0x80000001,  # smallest subnormals
+        0x007FFFFF,
+        0x807FFFFF,  # largest subnormals
+        0x00008000,
+        0x00018000,
+        0x00007FFF,
+        0x00008001,  # subnormal ties / near ties
+        0x007F8000,
+        0x007F7FFF,
+        0x00408000,
+        0x00418000,
+        0x00800000,
+        0x80800000,  # smallest normals
+        0x7F7FFFFF,
+        0xFF7FFFFF,  # FLT_MAX
+        0x7F7F7FFF,
+        0x7F7F8000,
+        0x7F7F8001,  # just below / at / above the overflow tie
+        0x7F7E8000,
+        0x7F7EFFFF,
+        0xFF7F8000,
+        0xFF7F7FFF,
+        0x3F800000,
+        0x3F808000,
+        0x3F818000,
+        0x3F807FFF,
+        0x3F808001,  # round-to-even ties
+        0xBF808000,
+        0xBF818000,
+        0x3FFF8000,
+        0x3FFFFFFF,
+        0x4B7F8000,
     ],
     dtype=np.uint32,
 )
 
 # Hand-checked expectations (independent of ml_dtypes) for a few of the above.
 HAND = {
-    0x00000000: 0x0000, 0x80000000: 0x8000, 0x7F800000: 0x7F80, 0xFF800000: 0xFF80,
-    0x7F800001: 0x7FC0, 0xFF800001: 0xFFC0, 0x7FFFFFFF: 0x7FC0, 0xFFFFFFFF: 0xFFC0,
-    0x00000001: 0x0000, 0x80000001: 0x8000, 0x00008000: 0x0000, 0x00018000: 0x0002,
-    0x00008001: 0x0001, 0x007FFFFF: 0x0080, 0x7F7FFFFF: 0x7F80, 0x7F7F7FFF: 0x7F7F,
-    0x7F7F8000: 0x7F80, 0x7F7E8000: 0x7F7E, 0xFF7F8000: 0xFF80, 0x3F808000: 0x3F80,
-    0x3F818000: 0x3F82, 0x3F807FFF: 0x3F80, 0x3F808001: 0x3F81,
+    0x00000000: 0x0000,
+    0x80000000: 0x8000,
+    0x7F800000: 0x7F80,
+    0xFF800000: 0xFF80,
+    0x7F800001: 0x7FC0,
+    0xFF800001: 0xFFC0,
+    0x7FFFFFFF: 0x7FC0,
+    0xFFFFFFFF: 0xFFC0,
+    0x00000001: 0x0000,
+    0x80000001: 0x8000,
+    0x00008000: 0x0000,
+    0x00018000: 0x0002,
+    0x00008001: 0x0001,
+    0x007FFFFF: 0x0080,
+    0x7F7FFFFF: 0x7F80,
+    0x7F7F7FFF: 0x7F7F,
+    0x7F7F8000: 0x7F80,
+    0x7F7E8000: 0x7F7E,
+    0xFF7F8000: 0xFF80,
+    0x3F808000: 0x3F80,
+    0x3F818000: 0x3F82,
+    0x3F807FFF: 0x3F80,
+    0x3F808001: 0x3F81,
 }
 
 isa_param = pytest.mark.parametrize("isa", SUPPORTED_ISAS)
@@ -188,8 +241,9 @@ def test_non_contiguous_inputs(isa):
             snapshot = x.copy()
             got = pyswitch.to_bfloat16(x)
             assert got.shape == x.shape, name
-            np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.uint16),
-                                          expected_bf16_bits(x), err_msg=name)
+            np.testing.assert_array_equal(
+                np.ascontiguousarray(got).view(np.uint16), expected_bf16_bits(x), err_msg=name
+            )
             np.testing.assert_array_equal(x, snapshot, err_msg=name)
             b = expected_bf16_bits(x).view(BF16)
             for bname, bview in {"same": b, "reversed": b[::-1], "T": b.T}.items():
@@ -197,13 +251,15 @@ def test_non_contiguous_inputs(isa):
                 assert back.shape == bview.shape
                 np.testing.assert_array_equal(
                     np.ascontiguousarray(back).view(np.uint32),
-                    bview.astype(np.float32).view(np.uint32), err_msg=f"{name}/{bname}",
+                    bview.astype(np.float32).view(np.uint32),
+                    err_msg=f"{name}/{bname}",
                 )
 
 
 @isa_param
-@pytest.mark.parametrize("shape", [(), (1,), (0,), (0, 5), (3, 0, 2), (2, 3, 4), (1, 1, 1, 1),
-                                   (5, 7, 3, 2)])
+@pytest.mark.parametrize(
+    "shape", [(), (1,), (0,), (0, 5), (3, 0, 2), (2, 3, 4), (1, 1, 1, 1), (5, 7, 3, 2)]
+)
 def test_shapes_are_preserved(isa, shape):
     rng = np.random.default_rng(11)
     x = np.array(rng.standard_normal(shape) * 100, dtype=np.float32)

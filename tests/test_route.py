@@ -57,8 +57,7 @@ def grid_logits(draw, T, E, distinct_in_row=False, alphabet=None):
         ints = np.array(rows, dtype=np.int64).reshape(T, E)
     else:
         elements = (
-            st.sampled_from(alphabet) if alphabet is not None
-            else st.integers(-GRID_MAX, GRID_MAX)
+            st.sampled_from(alphabet) if alphabet is not None else st.integers(-GRID_MAX, GRID_MAX)
         )
         ints = draw(arrays(np.int64, (T, E), elements=elements))
     return (ints / GRID).astype(np.float32)
@@ -232,8 +231,11 @@ def test_route_matches_reference_arbitrary_float_logits(isa, data):
     logits = data.draw(
         arrays(np.float32, (T, E), elements=st.floats(-30, 30, width=32, allow_subnormal=True))
     )
-    kwargs = dict(k=k, capacity_factor=data.draw(st.sampled_from(CAPACITY_FACTORS)),
-                  min_capacity=data.draw(st.integers(0, 4)))
+    kwargs = dict(
+        k=k,
+        capacity_factor=data.draw(st.sampled_from(CAPACITY_FACTORS)),
+        min_capacity=data.draw(st.integers(0, 4)),
+    )
     with cpu_config(isa=isa):
         plan = pyswitch.route(logits, **kwargs)
     check_plan_invariants(plan, T, E, k)
@@ -244,6 +246,45 @@ def test_route_matches_reference_arbitrary_float_logits(isa, data):
 def test_route_bit_identical_across_isas_and_threads(case):
     logits, kwargs = case
     assert_same_on_every_config(lambda kw=kwargs: pyswitch.route(logits, **kw), plan_fingerprint)
+
+
+@given(data=st.data())
+def test_any_finite_logits_give_a_valid_plan(data):
+    """Extreme magnitudes (up to FLT_MAX, subnormals): indices stay in range on every ISA."""
+    E = data.draw(st.integers(1, 8))
+    T = data.draw(st.integers(1, 16))
+    k = data.draw(st.integers(1, min(E, 3)))
+    logits = data.draw(
+        arrays(
+            np.float32, (T, E), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)
+        )
+    )
+    kwargs = dict(
+        k=k,
+        capacity_factor=data.draw(st.sampled_from(CAPACITY_FACTORS)),
+        min_capacity=1,
+        priority=data.draw(st.sampled_from(PRIORITIES)),
+        normalize_gates=k > 1,
+    )
+
+    def run():
+        plan = pyswitch.route(logits, **kwargs)
+        ei = plan.expert_index
+        assert ((ei >= 0) & (ei < E)).all()
+        assert all(len(set(row.tolist())) == k for row in ei)
+        assert not np.isnan(plan.gate).any() and ((plan.gate >= 0) & (plan.gate <= 1)).all()
+        assert (plan.gate[plan.slot < 0] == 0).all()
+        np.testing.assert_array_equal(plan.tokens_per_expert, np.bincount(ei.ravel(), minlength=E))
+        # Top-k on the logits themselves is exact whatever the magnitudes.
+        for t in range(T):
+            want = np.argsort(-logits[t].astype(np.float64), kind="stable")[:k]
+            np.testing.assert_array_equal(ei[t], want)
+        return plan
+
+    assert_same_on_every_config(run, plan_fingerprint)
+    ec = pyswitch.route_expert_choice(logits)
+    assert ((ec.token_index >= 0) & (ec.token_index < T)).all()
+    assert not np.isnan(ec.gate).any()
 
 
 @pytest.mark.parametrize("priority", PRIORITIES)
@@ -283,13 +324,13 @@ def test_topk_ties_go_to_lowest_expert_index(isa, data):
 
 
 def test_topk_tie_examples(isa):
-    logits = np.array(
-        [[1, 3, 3, 0], [2, 2, 2, 2], [0, 0, 5, 5], [-1, -1, -1, 7]], dtype=np.float32
-    )
+    logits = np.array([[1, 3, 3, 0], [2, 2, 2, 2], [0, 0, 5, 5], [-1, -1, -1, 7]], dtype=np.float32)
     plan = pyswitch.route(logits, k=3, capacity_factor=None)
-    np.testing.assert_array_equal(
-        plan.expert_index, [[1, 2, 0], [0, 1, 2], [2, 3, 0], [3, 0, 1]]
-    )
+    np.testing.assert_array_equal(plan.expert_index, [[1, 2, 0], [0, 1, 2], [2, 3, 0], [3, 0, 1]])
+    # -0.0 and +0.0 are equal logits: a tie, so the lower index wins either way.
+    signed_zeros = np.array([[-0.0, 0.0, -1], [0.0, -0.0, -1]], dtype=np.float32)
+    plan = pyswitch.route(signed_zeros, k=1, capacity_factor=None)
+    np.testing.assert_array_equal(plan.expert_index, [[0], [0]])
 
 
 def test_position_priority_example(isa):
@@ -316,8 +357,9 @@ def test_batch_prioritized_example(isa):
     np.testing.assert_array_equal(pos.slot[:, 0], [0, 1, -1, -1])
     np.testing.assert_array_equal(bp.slot[:, 0], [1, -1, 0, -1])
     # The order is per group: with two groups of two, each group keeps its better token first.
-    bpg = pyswitch.route(logits, priority="batch_prioritized", k=1, capacity_factor=1.0,
-                         min_capacity=1, group_size=2)
+    bpg = pyswitch.route(
+        logits, priority="batch_prioritized", k=1, capacity_factor=1.0, min_capacity=1, group_size=2
+    )
     assert int(bpg.capacity) == 1
     np.testing.assert_array_equal(bpg.slot[:, 0], [0, -1, 1, -1])
 
@@ -338,6 +380,33 @@ def test_batch_prioritized_second_choices_after_all_first(isa):
     assert bp.gate[0, 1] == 0.0 and pos.gate[1, 1] == 0.0
 
 
+def test_batch_prioritized_uses_raw_top1_probability_not_normalized_gate(isa):
+    # Token 0: raw top-1 prob .531, normalized over its k=2 gates .531.
+    # Token 1: raw top-1 prob .475, normalized .731.  SPEC orders by the top-1 *probability*:
+    # token 0 first, so it gets expert 0's only slot.
+    logits = np.array([[1, 0.875, -9, -9], [1, 0, 0, 0]], dtype=np.float32)
+    plan = pyswitch.route(
+        logits,
+        k=2,
+        capacity_factor=0.25,
+        min_capacity=1,
+        priority="batch_prioritized",
+        normalize_gates=True,
+    )
+    assert int(plan.capacity) == 1
+    np.testing.assert_array_equal(plan.expert_index, [[0, 1], [0, 1]])
+    np.testing.assert_array_equal(plan.slot, [[0, 0], [-1, -1]])
+    expected = ref.route(
+        logits,
+        k=2,
+        capacity_factor=0.25,
+        min_capacity=1,
+        priority="batch_prioritized",
+        normalize_gates=True,
+    )
+    np.testing.assert_allclose(plan.gate, expected.gate, atol=GATE_ATOL)
+
+
 @isa_param
 @given(data=st.data())
 def test_batch_prioritized_exact_ties_by_position(isa, data):
@@ -351,9 +420,13 @@ def test_batch_prioritized_exact_ties_by_position(isa, data):
     which = data.draw(arrays(np.int64, (G * S,), elements=st.integers(0, n_templates - 1)))
     logits = np.ascontiguousarray(templates[which])
     k = data.draw(st.integers(1, min(E, 2)))
-    kwargs = dict(k=k, capacity_factor=data.draw(st.sampled_from(CAPACITY_FACTORS[1:])),
-                  min_capacity=data.draw(st.integers(0, 3)), group_size=S,
-                  priority="batch_prioritized")
+    kwargs = dict(
+        k=k,
+        capacity_factor=data.draw(st.sampled_from(CAPACITY_FACTORS[1:])),
+        min_capacity=data.draw(st.integers(0, 3)),
+        group_size=S,
+        priority="batch_prioritized",
+    )
     with cpu_config(isa=isa):
         plan = pyswitch.route(logits, **kwargs)
     check_plan_invariants(plan, G * S, E, k)
@@ -396,8 +469,9 @@ def test_groups_are_independent(isa, case):
     with cpu_config(isa=isa):
         whole = pyswitch.route(logits, **kwargs)
         parts = [
-            pyswitch.route(np.ascontiguousarray(logits[g * S : (g + 1) * S]),
-                           **{**kwargs, "group_size": None})
+            pyswitch.route(
+                np.ascontiguousarray(logits[g * S : (g + 1) * S]), **{**kwargs, "group_size": None}
+            )
             for g in range(G)
         ]
     C = int(whole.capacity)
@@ -413,8 +487,7 @@ def test_groups_are_independent(isa, case):
         np.testing.assert_array_equal(
             whole.slot[rows], np.where(part.slot >= 0, part.slot + g * C, -1)
         )
-    np.testing.assert_array_equal(whole.tokens_per_expert,
-                                  sum(p.tokens_per_expert for p in parts))
+    np.testing.assert_array_equal(whole.tokens_per_expert, sum(p.tokens_per_expert for p in parts))
     assert int(whole.dropped) == sum(int(p.dropped) for p in parts)
     assert int(whole.num_groups) == G and int(whole.group_size) == S
     assert losses_close(whole.aux_loss, float(np.mean([p.aux_loss for p in parts])))
@@ -448,8 +521,10 @@ def test_permuting_tokens_within_groups(isa, case, data):
     T, E = logits.shape
     S = kwargs["group_size"] or T
     perm = np.concatenate(
-        [g * S + np.array(data.draw(st.permutations(range(S))), dtype=np.int64)
-         for g in range(T // S)]
+        [
+            g * S + np.array(data.draw(st.permutations(range(S))), dtype=np.int64)
+            for g in range(T // S)
+        ]
     )
     permuted = np.ascontiguousarray(logits[perm])  # new token i == old token perm[i]
     with cpu_config(isa=isa):
@@ -481,8 +556,7 @@ def test_permuting_tokens_within_groups(isa, case, data):
     cf=st.sampled_from(CAPACITY_FACTORS),
     priority=st.sampled_from(PRIORITIES),
 )
-def test_uniform_probabilities_give_aux_loss_exactly_one(isa, E, log_k, S, G, value, cf,
-                                                         priority):
+def test_uniform_probabilities_give_aux_loss_exactly_one(isa, E, log_k, S, G, value, cf, priority):
     """Uniform probs: aux = E * sum_i f_i / E = sum_i f_i = 1 whatever the assignment.
 
     With E, k, S powers of two every intermediate (1/E, counts/(S*k)) is exact in float32.
@@ -497,8 +571,13 @@ def test_uniform_probabilities_give_aux_loss_exactly_one(isa, E, log_k, S, G, va
 
 
 @isa_param
-@given(E=st.integers(1, 12), k=st.integers(1, 3), reps=st.integers(1, 4), G=st.integers(1, 3),
-       margin=st.integers(1, 24))
+@given(
+    E=st.integers(1, 12),
+    k=st.integers(1, 3),
+    reps=st.integers(1, 4),
+    G=st.integers(1, 3),
+    margin=st.integers(1, 24),
+)
 def test_balanced_cyclic_assignment_aux_loss_is_one(isa, E, k, reps, G, margin):
     """Token t prefers experts t, t+1, .. (mod E): f_i = 1/E and, by symmetry, P_i = 1/E."""
     assume(k <= E)
@@ -523,10 +602,12 @@ def test_dropless_drops_nothing(isa, case):
         plan = pyswitch.route(logits, **kwargs)
     S = kwargs["group_size"] or T
     assert int(plan.dropped) == 0 and (plan.slot >= 0).all()
-    counts = np.stack([
-        np.bincount(plan.expert_index[g * S : (g + 1) * S].ravel(), minlength=E)
-        for g in range(T // S)
-    ])
+    counts = np.stack(
+        [
+            np.bincount(plan.expert_index[g * S : (g + 1) * S].ravel(), minlength=E)
+            for g in range(T // S)
+        ]
+    )
     assert int(plan.capacity) == int(counts.max())
     probs = ref.softmax(logits)
     raw = np.take_along_axis(probs, plan.expert_index.astype(np.int64), axis=1)
@@ -555,8 +636,9 @@ def test_dropless_drops_nothing(isa, case):
 def test_capacity_formula(S, E, k, cf, min_cap, rounding, expected):
     assert ref.capacity(S, E, k, cf, min_cap, rounding) == expected
     logits = np.zeros((S, E), dtype=np.float32)
-    plan = pyswitch.route(logits, k=k, capacity_factor=cf, min_capacity=min_cap,
-                          capacity_rounding=rounding)
+    plan = pyswitch.route(
+        logits, k=k, capacity_factor=cf, min_capacity=min_cap, capacity_rounding=rounding
+    )
     assert int(plan.capacity) == expected
     check_plan_invariants(plan, S, E, k)
 
@@ -695,11 +777,14 @@ def test_expert_choice_groups_are_independent(isa, case, data):
     S = data.draw(st.sampled_from([s for s in range(1, T + 1) if T % s == 0]))
     G = T // S
     with cpu_config(isa=isa):
-        whole = pyswitch.route_expert_choice(logits, capacity_factor=kwargs["capacity_factor"],
-                                             group_size=S)
+        whole = pyswitch.route_expert_choice(
+            logits, capacity_factor=kwargs["capacity_factor"], group_size=S
+        )
         parts = [
-            pyswitch.route_expert_choice(np.ascontiguousarray(logits[g * S : (g + 1) * S]),
-                                         capacity_factor=kwargs["capacity_factor"])
+            pyswitch.route_expert_choice(
+                np.ascontiguousarray(logits[g * S : (g + 1) * S]),
+                capacity_factor=kwargs["capacity_factor"],
+            )
             for g in range(G)
         ]
     C = int(whole.capacity)
@@ -713,8 +798,15 @@ def test_expert_choice_groups_are_independent(isa, case, data):
 
 @pytest.mark.parametrize(
     "S,E,cf,expected",
-    [(16, 4, 2.0, 8), (16, 4, 1.0, 4), (16, 4, 8.0, 16), (10, 4, 1.0, 2), (3, 8, 1.0, 1),
-     (5, 1, 0.5, 2), (4, 2, 0.25, 1)],
+    [
+        (16, 4, 2.0, 8),
+        (16, 4, 1.0, 4),
+        (16, 4, 8.0, 16),
+        (10, 4, 1.0, 2),
+        (3, 8, 1.0, 1),
+        (5, 1, 0.5, 2),
+        (4, 2, 0.25, 1),
+    ],
 )
 def test_expert_choice_capacity(S, E, cf, expected):
     assert ref.expert_choice_capacity(S, E, cf) == expected

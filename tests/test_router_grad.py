@@ -27,8 +27,15 @@ GRAD_SCALE_TOL = 2e-5
 GRAD_RTOL = 1e-4
 FD_H = 1e-6
 
-ROUTE_KEYS = ("k", "capacity_factor", "min_capacity", "group_size", "priority",
-              "capacity_rounding", "normalize_gates")
+ROUTE_KEYS = (
+    "k",
+    "capacity_factor",
+    "min_capacity",
+    "group_size",
+    "priority",
+    "capacity_rounding",
+    "normalize_gates",
+)
 
 
 def route_kwargs(cfg):
@@ -37,8 +44,9 @@ def route_kwargs(cfg):
 
 def make_router(d_model, E, cfg, seed, **extra):
     """A router whose weight has std ~1 (init_scale = d_model) so that gates vary."""
-    return pyswitch.Router(d_model, E, init_scale=float(d_model), seed=seed,
-                           **route_kwargs(cfg), **extra)
+    return pyswitch.Router(
+        d_model, E, init_scale=float(d_model), seed=seed, **route_kwargs(cfg), **extra
+    )
 
 
 def assert_grad_close(actual, expected, scale, what, rtol=GRAD_RTOL, scale_tol=GRAD_SCALE_TOL):
@@ -69,13 +77,14 @@ def well_separated(logits, cfg, gap=1e-3):
 
 
 def separated_case(cfg, T, d_model, E, seed):
-    """(router, x) with well-separated logits; scans seeds deterministically."""
+    """(router, x, d_gate): well-separated logits, drops unless dropless; scans seeds."""
     for s in range(seed, seed + 1000):
         rng = np.random.default_rng(s)
         x = rng.standard_normal((T, d_model)).astype(np.float32)
         router = make_router(d_model, E, cfg, seed=s, jitter_eps=0.0)
         L = x.astype(np.float64) @ router.weight.astype(np.float64)
-        if well_separated(L, cfg):
+        drops = ref.route(L, **route_kwargs(cfg)).dropped > 0
+        if well_separated(L, cfg) and (drops or cfg.get("capacity_factor") is None):
             d_gate = rng.standard_normal((T, cfg.get("k", 1))).astype(np.float32)
             return router, x, d_gate
     raise AssertionError("no well-separated case found")
@@ -84,14 +93,32 @@ def separated_case(cfg, T, d_model, E, seed):
 CONFIGS = [
     pytest.param(dict(k=1, capacity_factor=1.0, min_capacity=0), id="k1-drops"),
     pytest.param(dict(k=1, capacity_factor=None), id="k1-dropless"),
-    pytest.param(dict(k=2, capacity_factor=1.0, min_capacity=0, normalize_gates=True),
-                 id="k2-normalized-drops"),
+    pytest.param(
+        dict(k=2, capacity_factor=1.0, min_capacity=0, normalize_gates=True),
+        id="k2-normalized-drops",
+    ),
     pytest.param(dict(k=2, capacity_factor=None, group_size=4), id="k2-dropless-groups"),
-    pytest.param(dict(k=2, capacity_factor=0.5, min_capacity=1, group_size=4,
-                      priority="batch_prioritized", normalize_gates=True),
-                 id="k2-batch-prioritized-normalized"),
-    pytest.param(dict(k=3, capacity_factor=0.75, min_capacity=0, capacity_rounding="ceil",
-                      normalize_gates=True), id="k3-ceil-normalized"),
+    pytest.param(
+        dict(
+            k=2,
+            capacity_factor=0.5,
+            min_capacity=1,
+            group_size=4,
+            priority="batch_prioritized",
+            normalize_gates=True,
+        ),
+        id="k2-batch-prioritized-normalized",
+    ),
+    pytest.param(
+        dict(
+            k=3,
+            capacity_factor=0.75,
+            min_capacity=0,
+            capacity_rounding="ceil",
+            normalize_gates=True,
+        ),
+        id="k3-ceil-normalized",
+    ),
 ]
 COEFS = [(0.0, 0.0), (0.7, 0.0), (0.0, 0.3), (0.5, 0.25)]
 T_FD, D_FD, E_FD = 8, 4, 4
@@ -126,10 +153,12 @@ def test_reference_backward_matches_finite_differences(cfg, coefs):
     def J_of_x(xx):
         return ref.router_objective(xx, W, d_gate, aux_loss_coef=aux_c, z_loss_coef=z_c, **kw)
 
-    np.testing.assert_allclose(got.d_weight, ref.central_difference(J_of_W, W, FD_H),
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got.dx, ref.central_difference(J_of_x, x, FD_H),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        got.d_weight, ref.central_difference(J_of_W, W, FD_H), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        got.dx, ref.central_difference(J_of_x, x, FD_H), rtol=1e-6, atol=1e-7
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,12 +174,14 @@ def check_router_against_reference(router, x, d_gate, cfg, aux_c, z_c, *, traini
     assert L.dtype == np.float32 and L.shape == (T, router.weight.shape[1])
     x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
     W64 = router.weight.astype(np.float64)
-    np.testing.assert_allclose(L, x64 @ W64, rtol=1e-5,
-                               atol=1e-5 * float((np.abs(x64) @ np.abs(W64)).max()))
+    np.testing.assert_allclose(
+        L, x64 @ W64, rtol=1e-5, atol=1e-5 * float((np.abs(x64) @ np.abs(W64)).max())
+    )
 
     kw = route_kwargs(cfg)
-    expected = ref.router_backward(x64, W64, d_gate, logits=L, aux_loss_coef=aux_c,
-                                   z_loss_coef=z_c, **kw)
+    expected = ref.router_backward(
+        x64, W64, d_gate, logits=L, aux_loss_coef=aux_c, z_loss_coef=z_c, **kw
+    )
     np.testing.assert_array_equal(plan.expert_index, expected.plan.expert_index)
     np.testing.assert_array_equal(plan.slot, expected.plan.slot)
     np.testing.assert_allclose(plan.gate, expected.plan.gate, rtol=0, atol=1e-6)
@@ -171,23 +202,33 @@ def check_router_against_reference(router, x, d_gate, cfg, aux_c, z_c, *, traini
         assert_grad_close(dx, expected.dx, x_scale, "dx vs reference")
     else:  # bfloat16 output: 8 significant bits
         dx32 = pyswitch.to_float32(dx).astype(np.float64)
-        np.testing.assert_allclose(dx32, expected.dx, rtol=1e-2,
-                                   atol=1e-2 * np.abs(expected.dx).max() + 1e-7)
+        np.testing.assert_allclose(
+            dx32, expected.dx, rtol=1e-2, atol=1e-2 * np.abs(expected.dx).max() + 1e-7
+        )
 
     if fd:
+
         def J_of_W(w):
-            return ref.router_objective(x64, w, d_gate, aux_loss_coef=aux_c, z_loss_coef=z_c,
-                                        **kw)
+            return ref.router_objective(x64, w, d_gate, aux_loss_coef=aux_c, z_loss_coef=z_c, **kw)
 
         def J_of_x(xx):
-            return ref.router_objective(xx, W64, d_gate, aux_loss_coef=aux_c, z_loss_coef=z_c,
-                                        **kw)
+            return ref.router_objective(xx, W64, d_gate, aux_loss_coef=aux_c, z_loss_coef=z_c, **kw)
 
-        assert_grad_close(dW, ref.central_difference(J_of_W, W64, FD_H), w_scale,
-                          "grads['weight'] vs finite differences", scale_tol=5e-5)
+        assert_grad_close(
+            dW,
+            ref.central_difference(J_of_W, W64, FD_H),
+            w_scale,
+            "grads['weight'] vs finite differences",
+            scale_tol=5e-5,
+        )
         if x.dtype == np.float32:
-            assert_grad_close(dx, ref.central_difference(J_of_x, x64, FD_H), x_scale,
-                              "dx vs finite differences", scale_tol=5e-5)
+            assert_grad_close(
+                dx,
+                ref.central_difference(J_of_x, x64, FD_H),
+                x_scale,
+                "dx vs finite differences",
+                scale_tol=5e-5,
+            )
     return plan, dx
 
 
@@ -199,10 +240,14 @@ def test_router_backward_matches_reference_and_finite_differences(cfg, coefs):
     results = {}
     for isa in SUPPORTED_ISAS:
         with cpu_config(isa=isa):
-            plan, dx = check_router_against_reference(router, x, d_gate, cfg, aux_c, z_c,
-                                                      training=True, fd=(isa == "scalar"))
-            results[isa] = (dx.tobytes(), router.grads["weight"].tobytes(),
-                            router.last_logits.tobytes())
+            plan, dx = check_router_against_reference(
+                router, x, d_gate, cfg, aux_c, z_c, training=True, fd=(isa == "scalar")
+            )
+            results[isa] = (
+                dx.tobytes(),
+                router.grads["weight"].tobytes(),
+                router.last_logits.tobytes(),
+            )
     if cfg.get("capacity_factor") is not None:
         assert int(plan.dropped) > 0, "config meant to drop assignments"
     for isa, got in results.items():
@@ -248,8 +293,9 @@ def test_router_backward_bfloat16_input():
     x_bf = pyswitch.to_bfloat16(x)
     for isa in SUPPORTED_ISAS:
         with cpu_config(isa=isa):
-            plan, dx = check_router_against_reference(router, x_bf, d_gate, cfg, 0.5, 0.1,
-                                                      training=True)
+            plan, dx = check_router_against_reference(
+                router, x_bf, d_gate, cfg, 0.5, 0.1, training=True
+            )
             assert dx.dtype == pyswitch.bfloat16
     # Selective precision: the logits are float32(x) @ W, the same as for the float32 copy.
     router.forward(pyswitch.to_float32(x_bf), training=False)
@@ -321,8 +367,9 @@ def test_no_jitter_in_eval_or_with_zero_eps():
     first = a.last_logits.copy()
     a.forward(x, training=False)
     np.testing.assert_array_equal(a.last_logits, first)
-    np.testing.assert_allclose(first, x.astype(np.float64) @ a.weight.astype(np.float64),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        first, x.astype(np.float64) @ a.weight.astype(np.float64), rtol=1e-5, atol=1e-6
+    )
     z = pyswitch.Router(6, 5, seed=8, jitter_eps=0.0)
     z.weight[...] = a.weight
     z.forward(x, training=True)
@@ -335,8 +382,9 @@ def test_jitter_bounds_and_backward_uses_forward_noise():
     d_model, E, T = 3, 6, 24
     cfg = dict(k=2, capacity_factor=1.0, min_capacity=0, normalize_gates=True)
     rng = np.random.default_rng(2)
-    x = (rng.choice([-1.0, 1.0], size=(T, d_model))
-         * rng.uniform(0.5, 2.0, size=(T, d_model))).astype(np.float32)
+    x = (
+        rng.choice([-1.0, 1.0], size=(T, d_model)) * rng.uniform(0.5, 2.0, size=(T, d_model))
+    ).astype(np.float32)
     d_gate = rng.standard_normal((T, 2)).astype(np.float32)
     router = make_router(d_model, E, cfg, seed=5, jitter_eps=eps)
     router.forward(x, training=True)
@@ -348,13 +396,16 @@ def test_jitter_bounds_and_backward_uses_forward_noise():
     assert u.std() > eps / 4, "jitter does not look uniform on (1 - eps, 1 + eps)"
 
     dx = router.backward(d_gate, aux_loss_coef=0.3, z_loss_coef=0.2)
-    expected = ref.router_backward(x, W, d_gate, logits=L, jitter=u, aux_loss_coef=0.3,
-                                   z_loss_coef=0.2, **route_kwargs(cfg))
-    no_jitter = ref.router_backward(x, W, d_gate, logits=L, aux_loss_coef=0.3,
-                                    z_loss_coef=0.2, **route_kwargs(cfg))
+    expected = ref.router_backward(
+        x, W, d_gate, logits=L, jitter=u, aux_loss_coef=0.3, z_loss_coef=0.2, **route_kwargs(cfg)
+    )
+    no_jitter = ref.router_backward(
+        x, W, d_gate, logits=L, aux_loss_coef=0.3, z_loss_coef=0.2, **route_kwargs(cfg)
+    )
     scale = np.abs(expected.d_weight).max()
-    np.testing.assert_allclose(router.grads["weight"], expected.d_weight, rtol=1e-3,
-                               atol=1e-3 * scale)
+    np.testing.assert_allclose(
+        router.grads["weight"], expected.d_weight, rtol=1e-3, atol=1e-3 * scale
+    )
     np.testing.assert_allclose(dx, expected.dx, rtol=1e-3, atol=1e-3 * np.abs(expected.dx).max())
     # Sanity: the check can tell the jittered from the un-jittered gradient.
     assert np.abs(no_jitter.dx - expected.dx).max() > 1e-2 * np.abs(expected.dx).max()
@@ -363,8 +414,9 @@ def test_jitter_bounds_and_backward_uses_forward_noise():
 @pytest.mark.parametrize("k", [1, 2])
 def test_eval_and_training_capacity_factors(k):
     T, E = 32, 4
-    router = pyswitch.Router(4, E, k=k, capacity_factor=1.0, eval_capacity_factor=2.0,
-                             min_capacity=0, seed=0)
+    router = pyswitch.Router(
+        4, E, k=k, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=0, seed=0
+    )
     x = np.random.default_rng(3).standard_normal((T, 4)).astype(np.float32)
     train = router.forward(x, training=True)
     assert int(train.capacity) == min(T, int(1.0 * k * T / E))
@@ -377,8 +429,14 @@ def test_eval_and_training_capacity_factors(k):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_forward_plan_equals_route_of_last_logits(training):
-    kw = dict(k=2, min_capacity=1, group_size=8, priority="batch_prioritized",
-              capacity_rounding="ceil", normalize_gates=True)
+    kw = dict(
+        k=2,
+        min_capacity=1,
+        group_size=8,
+        priority="batch_prioritized",
+        capacity_rounding="ceil",
+        normalize_gates=True,
+    )
     router = pyswitch.Router(5, 6, capacity_factor=0.75, eval_capacity_factor=1.5, seed=9, **kw)
     x = np.random.default_rng(4).standard_normal((24, 5)).astype(np.float32)
     plan = router.forward(x, training=training)
@@ -432,3 +490,68 @@ def test_backward_grads_shapes_and_k2_defaults():
     assert dx.shape == (8, 6) and dx.dtype == np.float32
     assert router.grads["weight"].shape == (6, 4)
     assert np.isfinite(dx).all() and np.isfinite(router.grads["weight"]).all()
+
+
+def test_router_accepts_strided_inputs():
+    cfg = dict(k=2, capacity_factor=1.0, min_capacity=0, normalize_gates=True)
+    router, x, d_gate = separated_case(cfg, 16, 4, 4, seed=41)
+    plan = router.forward(x, training=True)
+    logits = router.last_logits.copy()
+    dx = router.backward(d_gate, aux_loss_coef=0.2, z_loss_coef=0.1).copy()
+    dw = router.grads["weight"].copy()
+    x_view = np.ascontiguousarray(x[::-1])[::-1]  # negative row stride
+    x_fortran = np.asfortranarray(x)
+    d_view = np.asfortranarray(d_gate)[::1]
+    for xv in (x_view, x_fortran):
+        p2 = router.forward(xv, training=True)
+        np.testing.assert_array_equal(router.last_logits, logits)
+        np.testing.assert_array_equal(p2.slot, plan.slot)
+        np.testing.assert_array_equal(
+            router.backward(d_view, aux_loss_coef=0.2, z_loss_coef=0.1), dx
+        )
+        np.testing.assert_array_equal(router.grads["weight"], dw)
+
+
+def test_bfloat16_router_dtype():
+    """dtype="bfloat16": the router itself stays float32 (selective precision)."""
+    router = pyswitch.Router(8, 4, dtype="bfloat16", seed=0)
+    ref32 = pyswitch.Router(8, 4, dtype="float32", seed=0)
+    assert router.weight.dtype == np.float32
+    np.testing.assert_array_equal(router.weight, ref32.weight)
+    x = pyswitch.to_bfloat16(np.random.default_rng(6).standard_normal((8, 8)).astype(np.float32))
+    plan = router.forward(x)
+    ref32.forward(x)
+    assert router.last_logits.dtype == np.float32
+    np.testing.assert_array_equal(router.last_logits, ref32.last_logits)
+    dx = router.backward(np.ones(plan.gate.shape, np.float32))
+    assert dx.dtype == pyswitch.bfloat16 and dx.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_router_bit_identical_across_isas_and_threads_large(dtype):
+    """DESIGN: kernels are deterministic whatever the ISA and thread count."""
+    from isa_utils import all_configs
+
+    T, d_model, E = 2048, 96, 16
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((T, d_model)).astype(np.float32)
+    if dtype == "bfloat16":
+        x = pyswitch.to_bfloat16(x)
+    d_gate = rng.standard_normal((T, 2)).astype(np.float32)
+    results = {}
+    for isa, threads in all_configs():
+        with cpu_config(isa=isa, threads=threads):
+            router = pyswitch.Router(d_model, E, k=2, group_size=256, seed=3, jitter_eps=0.01)
+            plan = router.forward(x, training=True)
+            dx = router.backward(d_gate, aux_loss_coef=0.01, z_loss_coef=1e-3)
+            results[(isa, threads)] = (
+                router.last_logits.tobytes(),
+                plan.gate.tobytes(),
+                plan.slot.tobytes(),
+                np.asarray(dx).tobytes(),
+                router.grads["weight"].tobytes(),
+            )
+    names = ("last_logits", "gate", "slot", "dx", "grads['weight']")
+    for cfg, got in results.items():
+        diff = [n for n, a, b in zip(names, got, results[("scalar", 1)]) if a != b]
+        assert not diff, f"{cfg} differs from ('scalar', 1) in {diff}"

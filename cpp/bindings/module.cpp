@@ -15,6 +15,7 @@
 #include "pyswitch/build_info.hpp"
 #include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/moe/dispatch.hpp"
 #include "pyswitch/moe/router.hpp"
 #include "pyswitch/threading.hpp"
 
@@ -107,6 +108,62 @@ moe::RouteOptions route_options(int64_t k, std::optional<double> capacity_factor
   o.capacity_rounding = moe::parse_capacity_rounding(rounding);
   o.normalize_gates = normalize_gates;
   return o;
+}
+
+// float32 or bfloat16, as DType; TypeError otherwise.
+DType activation_dtype(const char* where, const char* name, const py::array& a) {
+  if (is_float32(a)) return DType::float32;
+  if (is_bfloat16(a)) return DType::bfloat16;
+  throw TypeMismatch(
+      detail::concat(where, ": ", name, " must be float32 or bfloat16, got ", dtype_of(a)));
+}
+
+py::array new_activation(DType dtype, std::vector<py::ssize_t> shape) {
+  return dtype == DType::float32 ? py::array(py::dtype::of<float>(), shape)
+                                 : py::array(bfloat16_dtype(), shape);
+}
+
+// Shape of a dispatch buffer: (E, G*C, d) for the padded layout, (rows, d) for the packed one.
+std::vector<py::ssize_t> buffer_shape(const moe::DispatchLayout& layout, int64_t d) {
+  if (layout.packed)
+    return {static_cast<py::ssize_t>(layout.total_rows), static_cast<py::ssize_t>(d)};
+  const int64_t per_expert = layout.num_experts ? layout.total_rows / layout.num_experts : 0;
+  return {static_cast<py::ssize_t>(layout.num_experts), static_cast<py::ssize_t>(per_expert),
+          static_cast<py::ssize_t>(d)};
+}
+
+// A dispatch buffer argument: rows must match the layout; returns d_model.
+int64_t check_buffer(const char* where, const char* name, const py::array& a,
+                     const moe::DispatchLayout& layout) {
+  const auto expect = buffer_shape(layout, a.ndim() ? a.shape(a.ndim() - 1) : 0);
+  bool ok = a.ndim() == static_cast<py::ssize_t>(expect.size());
+  for (size_t i = 0; ok && i + 1 < expect.size(); ++i) ok = a.shape(i) == expect[i];
+  if (!ok || a.shape(a.ndim() - 1) < 1) {
+    std::ostringstream want;
+    want << "(";
+    for (size_t i = 0; i + 1 < expect.size(); ++i) want << expect[i] << ", ";
+    want << "d_model)";
+    throw InvalidArgument(detail::concat(where, ": ", name, " must have shape ", want.str(),
+                                         " for this layout, got ", shape_of(a)));
+  }
+  return a.shape(a.ndim() - 1);
+}
+
+void check_tokens(const char* where, const char* name, const py::array& a,
+                  const moe::DispatchLayout& layout, int64_t d) {
+  if (a.ndim() != 2 || a.shape(0) != layout.num_tokens || (d > 0 && a.shape(1) != d) ||
+      a.shape(1) < 1) {
+    throw InvalidArgument(detail::concat(where, ": ", name, " must have shape (", layout.num_tokens,
+                                         ", ", d > 0 ? std::to_string(d) : "d_model", "), got ",
+                                         shape_of(a)));
+  }
+}
+
+void check_gate(const char* where, const py::array& gate, const moe::DispatchLayout& layout) {
+  if (gate.ndim() != 2 || gate.shape(0) != layout.num_tokens || gate.shape(1) != layout.k) {
+    throw InvalidArgument(detail::concat(where, ": gate must have shape (", layout.num_tokens, ", ",
+                                         layout.k, "), got ", shape_of(gate)));
+  }
 }
 
 }  // namespace
@@ -405,4 +462,112 @@ PYBIND11_MODULE(_core, m) {
             return dx;
           },
           py::arg("d_gate"), py::arg("aux_loss_coef"), py::arg("z_loss_coef"));
+
+  // ---- dispatch and combine --------------------------------------------------------------
+  py::class_<moe::DispatchLayout>(m, "DispatchLayout")
+      .def(py::init([](const moe::RoutingPlan& plan, bool packed) {
+             py::gil_scoped_release release;
+             return moe::make_dispatch_layout(plan, packed);
+           }),
+           py::arg("plan"), py::arg("packed"))
+      .def_readonly("num_tokens", &moe::DispatchLayout::num_tokens)
+      .def_readonly("num_experts", &moe::DispatchLayout::num_experts)
+      .def_readonly("k", &moe::DispatchLayout::k)
+      .def_readonly("total_rows", &moe::DispatchLayout::total_rows)
+      .def_readonly("packed", &moe::DispatchLayout::packed)
+      .def_property_readonly("expert_offset",
+                             [](py::object self) {
+                               auto& l = self.cast<moe::DispatchLayout&>();
+                               return view_of(std::vector<int64_t>{l.num_experts + 1},
+                                              l.expert_offset.data(), self, false);
+                             })
+      .def_property_readonly("assignment_row",
+                             [](py::object self) {
+                               auto& l = self.cast<moe::DispatchLayout&>();
+                               return view_of(std::vector<int64_t>{l.num_tokens, l.k},
+                                              l.assignment_row.data(), self, false);
+                             })
+      .def_property_readonly("row_token", [](py::object self) {
+        auto& l = self.cast<moe::DispatchLayout&>();
+        return view_of(std::vector<int64_t>{l.total_rows}, l.row_token.data(), self, false);
+      });
+
+  m.def(
+      "dispatch",
+      [](py::handle x_obj, const moe::DispatchLayout& layout) {
+        py::array x = as_contiguous("dispatch", "x", x_obj);
+        const DType dtype = activation_dtype("dispatch", "x", x);
+        check_tokens("dispatch", "x", x, layout, 0);
+        const int64_t d = x.shape(1);
+        py::array out = new_activation(dtype, buffer_shape(layout, d));
+        const void* in = x.data();
+        void* buffer = out.mutable_data();
+        py::gil_scoped_release release;
+        moe::dispatch(in, dtype, d, layout, buffer);
+        return out;
+      },
+      py::arg("x"), py::arg("layout"));
+  m.def(
+      "combine",
+      [](py::handle out_obj, py::handle gate_obj, const moe::DispatchLayout& layout) {
+        py::array expert_out = as_contiguous("combine", "expert_out", out_obj);
+        const DType dtype = activation_dtype("combine", "expert_out", expert_out);
+        const int64_t d = check_buffer("combine", "expert_out", expert_out, layout);
+        py::array gate = float32_array("combine", "gate", gate_obj);
+        check_gate("combine", gate, layout);
+        py::array y = new_activation(
+            dtype, {static_cast<py::ssize_t>(layout.num_tokens), static_cast<py::ssize_t>(d)});
+        const void* in = expert_out.data();
+        const float* g = static_cast<const float*>(gate.data());
+        void* y_data = y.mutable_data();
+        py::gil_scoped_release release;
+        moe::combine(in, dtype, d, layout, g, y_data);
+        return y;
+      },
+      py::arg("expert_out"), py::arg("gate"), py::arg("layout"));
+  m.def(
+      "combine_backward",
+      [](py::handle dy_obj, py::handle out_obj, py::handle gate_obj,
+         const moe::DispatchLayout& layout) {
+        py::array expert_out = as_contiguous("combine_backward", "expert_out", out_obj);
+        const DType dtype = activation_dtype("combine_backward", "expert_out", expert_out);
+        const int64_t d = check_buffer("combine_backward", "expert_out", expert_out, layout);
+        py::array dy = as_contiguous("combine_backward", "dy", dy_obj);
+        if (activation_dtype("combine_backward", "dy", dy) != dtype) {
+          throw TypeMismatch(
+              detail::concat("combine_backward: dy must have the dtype of expert_out (",
+                             dtype_name(dtype), "), got ", dtype_of(dy)));
+        }
+        check_tokens("combine_backward", "dy", dy, layout, d);
+        py::array gate = float32_array("combine_backward", "gate", gate_obj);
+        check_gate("combine_backward", gate, layout);
+        py::array d_out = new_activation(dtype, buffer_shape(layout, d));
+        py::array_t<float> d_gate({layout.num_tokens, layout.k});
+        const void* dy_data = dy.data();
+        const void* out_data = expert_out.data();
+        const float* g = static_cast<const float*>(gate.data());
+        void* d_out_data = d_out.mutable_data();
+        float* d_gate_data = d_gate.mutable_data();
+        {
+          py::gil_scoped_release release;
+          moe::combine_backward(dy_data, out_data, dtype, d, layout, g, d_out_data, d_gate_data);
+        }
+        return py::make_tuple(d_out, d_gate);
+      },
+      py::arg("dy"), py::arg("expert_out"), py::arg("gate"), py::arg("layout"));
+  m.def(
+      "dispatch_backward",
+      [](py::handle grad_obj, const moe::DispatchLayout& layout) {
+        py::array grad = as_contiguous("dispatch_backward", "d_buffer", grad_obj);
+        const DType dtype = activation_dtype("dispatch_backward", "d_buffer", grad);
+        const int64_t d = check_buffer("dispatch_backward", "d_buffer", grad, layout);
+        py::array dx = new_activation(
+            dtype, {static_cast<py::ssize_t>(layout.num_tokens), static_cast<py::ssize_t>(d)});
+        const void* in = grad.data();
+        void* out = dx.mutable_data();
+        py::gil_scoped_release release;
+        moe::dispatch_backward(in, dtype, d, layout, out);
+        return dx;
+      },
+      py::arg("d_buffer"), py::arg("layout"));
 }
