@@ -97,9 +97,12 @@ void dispatch(const void* x, DType dtype, int64_t d, const DispatchLayout& layou
   });
 }
 
-void combine(const void* expert_out, DType dtype, int64_t d, const DispatchLayout& layout,
-             const float* gate, void* y) {
-  check_d_model("combine", d);
+namespace {
+
+// out[t] = sum over kept j of weight(t, j) * rows[row(t, j)], in j order; weight 1 when
+// gate is null. Shared by combine (gated) and dispatch_backward (plain sum).
+void gather_weighted_sum(const void* rows, DType dtype, int64_t d, const DispatchLayout& layout,
+                         const float* gate, void* out) {
   const RowIo io{dtype, d};
   const int64_t T = layout.num_tokens, k = layout.k;
   detail::parallel_for(detail::ceil_div(T, kRowsPerBlock), [&](int64_t b) {
@@ -110,13 +113,21 @@ void combine(const void* expert_out, DType dtype, int64_t d, const DispatchLayou
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = layout.assignment_row[static_cast<size_t>(t * k + j)];
         if (r < 0) continue;
-        io.load(expert_out, r, row.data());
-        const float g = gate[t * k + j];
-        for (int64_t c = 0; c < d; ++c) acc[c] += g * row[c];
+        io.load(rows, r, row.data());
+        const float weight = gate ? gate[t * k + j] : 1.0f;
+        for (int64_t c = 0; c < d; ++c) acc[c] += weight * row[c];
       }
-      io.store(y, t, acc.data());
+      io.store(out, t, acc.data());
     }
   });
+}
+
+}  // namespace
+
+void combine(const void* expert_out, DType dtype, int64_t d, const DispatchLayout& layout,
+             const float* gate, void* y) {
+  check_d_model("combine", d);
+  gather_weighted_sum(expert_out, dtype, d, layout, gate, y);
 }
 
 void combine_backward(const void* dy, const void* expert_out, DType dtype, int64_t d,
@@ -164,22 +175,7 @@ void combine_backward(const void* dy, const void* expert_out, DType dtype, int64
 void dispatch_backward(const void* d_buffer, DType dtype, int64_t d, const DispatchLayout& layout,
                        void* dx) {
   check_d_model("dispatch_backward", d);
-  const RowIo io{dtype, d};
-  const int64_t T = layout.num_tokens, k = layout.k;
-  detail::parallel_for(detail::ceil_div(T, kRowsPerBlock), [&](int64_t b) {
-    std::vector<float> acc(static_cast<size_t>(d)), row(static_cast<size_t>(d));
-    const int64_t end = std::min(T, (b + 1) * kRowsPerBlock);
-    for (int64_t t = b * kRowsPerBlock; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t r = layout.assignment_row[static_cast<size_t>(t * k + j)];
-        if (r < 0) continue;
-        io.load(d_buffer, r, row.data());
-        for (int64_t c = 0; c < d; ++c) acc[c] += row[c];
-      }
-      io.store(dx, t, acc.data());
-    }
-  });
+  gather_weighted_sum(d_buffer, dtype, d, layout, nullptr, dx);
 }
 
 }  // namespace pyswitch::moe
