@@ -16,6 +16,7 @@ from .dispatch import (
     dispatch_backward,
     dispatch_layout,
 )
+from .layers import DenseFFN, SwitchFFN, matmul
 from .numerics import to_bfloat16, to_float32
 from .routing import ExpertChoicePlan, Router, RoutingPlan, route, route_expert_choice
 from .runtime import (
@@ -54,4 +55,7 @@ __all__ = [
     "combine",
     "combine_backward",
     "dispatch_backward",
+    "SwitchFFN",
+    "DenseFFN",
+    "matmul",
 ]

@@ -15,8 +15,10 @@
 #include "pyswitch/build_info.hpp"
 #include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/matmul.hpp"
 #include "pyswitch/moe/dispatch.hpp"
 #include "pyswitch/moe/router.hpp"
+#include "pyswitch/moe/switch_layer.hpp"
 #include "pyswitch/threading.hpp"
 
 namespace py = pybind11;
@@ -164,6 +166,76 @@ void check_gate(const char* where, const py::array& gate, const moe::DispatchLay
     throw InvalidArgument(detail::concat(where, ": gate must have shape (", layout.num_tokens, ", ",
                                          layout.k, "), got ", shape_of(gate)));
   }
+}
+
+// Owns a layer and serialises calls from Python threads (the GIL is released inside).
+template <typename Layer>
+struct Locked {
+  template <typename... Args>
+  explicit Locked(Args&&... args) : layer(std::forward<Args>(args)...) {}
+  Layer layer;
+  std::mutex mutex;
+};
+using PySwitchFFN = Locked<moe::SwitchFFN>;
+using PyDenseFFN = Locked<moe::DenseFFN>;
+
+DType parse_dtype(const std::string& where, const std::string& name) {
+  if (name == "float32") return DType::float32;
+  if (name == "bfloat16") return DType::bfloat16;
+  throw InvalidArgument(where + ": dtype must be 'float32' or 'bfloat16', got '" + name + "'");
+}
+
+// forward(x) of a layer with a d_model: checks x, runs with the GIL released, returns y.
+template <typename Wrapper>
+py::array layer_forward(const char* where, Wrapper& w, py::handle x_obj, bool training) {
+  py::array x = as_contiguous(where, "x", x_obj);
+  const DType dtype = activation_dtype(where, "x", x);
+  if (x.ndim() != 2 || x.shape(1) != w.layer.d_model()) {
+    throw InvalidArgument(detail::concat(where, ": x must have shape (tokens, ", w.layer.d_model(),
+                                         "), got ", shape_of(x)));
+  }
+  py::array y = new_activation(dtype, {x.shape(0), x.shape(1)});
+  const void* in = x.data();
+  void* out = y.mutable_data();
+  const int64_t T = x.shape(0);
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> lock(w.mutex);
+  w.layer.forward(in, dtype, T, training, out);
+  return y;
+}
+
+template <typename Wrapper>
+py::array layer_backward(const char* where, Wrapper& w, py::handle dy_obj) {
+  py::array dy = as_contiguous(where, "dy", dy_obj);
+  const DType dtype = activation_dtype(where, "dy", dy);
+  std::lock_guard<std::mutex> lock(w.mutex);
+  PYSWITCH_CHECK_STATE(w.layer.has_forward(), where,
+                       ": no forward pass to differentiate; call forward(x) first");
+  if (dtype != w.layer.forward_dtype()) {
+    throw TypeMismatch(detail::concat(where, ": dy must have the dtype of the forward's x (",
+                                      dtype_name(w.layer.forward_dtype()), "), got ",
+                                      dtype_of(dy)));
+  }
+  if (dy.ndim() != 2 || dy.shape(0) != w.layer.forward_tokens() ||
+      dy.shape(1) != w.layer.d_model()) {
+    throw InvalidArgument(detail::concat(where, ": dy must have shape (", w.layer.forward_tokens(),
+                                         ", ", w.layer.d_model(),
+                                         ") like the forward's output, got ", shape_of(dy)));
+  }
+  py::array dx = new_activation(dtype, {dy.shape(0), dy.shape(1)});
+  const void* in = dy.data();
+  void* out = dx.mutable_data();
+  {
+    py::gil_scoped_release release;
+    w.layer.backward(in, out);
+  }
+  return dx;
+}
+
+// A live float32 view of a layer's parameter or gradient (null pointer: None).
+py::object live_view(py::handle owner, float* data, std::vector<int64_t> shape) {
+  if (!data) return py::none();
+  return view_of(std::move(shape), data, owner, true);
 }
 
 }  // namespace
@@ -570,4 +642,156 @@ PYBIND11_MODULE(_core, m) {
         return dx;
       },
       py::arg("d_buffer"), py::arg("layout"));
+
+  // ---- layers ------------------------------------------------------------------------------
+  m.def(
+      "matmul",
+      [](py::handle a_obj, py::handle b_obj) {
+        py::array a = as_contiguous("matmul", "a", a_obj);
+        py::array b = as_contiguous("matmul", "b", b_obj);
+        const DType dtype = activation_dtype("matmul", "a", a);
+        if (activation_dtype("matmul", "b", b) != dtype) {
+          throw TypeMismatch(detail::concat("matmul: b must have the dtype of a (",
+                                            dtype_name(dtype), "), got ", dtype_of(b)));
+        }
+        if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0)) {
+          throw InvalidArgument(
+              detail::concat("matmul: a (M, K) and b (K, N) must be 2-D with "
+                             "matching K, got ",
+                             shape_of(a), " and ", shape_of(b)));
+        }
+        const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+        py::array_t<float> c({M, N});
+        const void* a_data = a.data();
+        const void* b_data = b.data();
+        float* c_data = c.mutable_data();
+        py::gil_scoped_release release;
+        pyswitch::matmul(dtype, M, N, K, a_data, b_data, c_data);
+        return c;
+      },
+      py::arg("a"), py::arg("b"));
+
+  py::class_<moe::SwitchStats>(m, "SwitchStats")
+      .def_readonly("drop_fraction", &moe::SwitchStats::drop_fraction)
+      .def_readonly("router_entropy", &moe::SwitchStats::router_entropy)
+      .def_property_readonly("tokens_per_expert", [](const moe::SwitchStats& s) {
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(s.tokens_per_expert.size()));
+        std::copy(s.tokens_per_expert.begin(), s.tokens_per_expert.end(), out.mutable_data());
+        return out;
+      });
+
+  py::class_<PySwitchFFN>(m, "SwitchFFN")
+      .def(py::init([](int64_t d_model, int64_t d_ff, int64_t num_experts, int64_t k,
+                       std::optional<double> capacity_factor,
+                       std::optional<double> eval_capacity_factor, int64_t min_capacity,
+                       std::optional<int64_t> group_size, const std::string& priority,
+                       const std::string& capacity_rounding, bool normalize_gates,
+                       const std::string& activation, bool use_bias, double expert_dropout,
+                       const std::string& dtype, double aux_loss_coef, double z_loss_coef,
+                       double jitter_eps, double init_scale, uint64_t seed) {
+             moe::SwitchFFNOptions o;
+             o.router.route = route_options(k, capacity_factor, min_capacity, group_size, priority,
+                                            capacity_rounding, normalize_gates);
+             o.router.eval_capacity_factor = eval_capacity_factor;
+             o.router.jitter_eps = jitter_eps;
+             o.router.init_scale = init_scale;
+             o.router.seed = seed;
+             o.activation = moe::parse_activation(activation);
+             o.use_bias = use_bias;
+             o.expert_dropout = expert_dropout;
+             o.dtype = parse_dtype("SwitchFFN", dtype);
+             o.aux_loss_coef = aux_loss_coef;
+             o.z_loss_coef = z_loss_coef;
+             return std::make_unique<PySwitchFFN>(d_model, d_ff, num_experts, o);
+           }),
+           py::arg("d_model"), py::arg("d_ff"), py::arg("num_experts"), py::arg("k"),
+           py::arg("capacity_factor"), py::arg("eval_capacity_factor"), py::arg("min_capacity"),
+           py::arg("group_size"), py::arg("priority"), py::arg("capacity_rounding"),
+           py::arg("normalize_gates"), py::arg("activation"), py::arg("use_bias"),
+           py::arg("expert_dropout"), py::arg("dtype"), py::arg("aux_loss_coef"),
+           py::arg("z_loss_coef"), py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"))
+      .def("tensors",
+           [](py::object self, bool grads) {
+             auto& w = self.cast<PySwitchFFN&>();
+             moe::SwitchFFN& l = w.layer;
+             const int64_t E = l.num_experts(), d = l.d_model(), f = l.d_ff();
+             py::dict out;
+             out["router"] =
+                 live_view(self, grads ? l.router_weight_grad() : l.router_weight(), {d, E});
+             out["w_in"] = live_view(self, grads ? l.w_in_grad() : l.w_in(), {E, d, f});
+             out["w_out"] = live_view(self, grads ? l.w_out_grad() : l.w_out(), {E, f, d});
+             if (l.w_gate()) {
+               out["w_gate"] = live_view(self, grads ? l.w_gate_grad() : l.w_gate(), {E, d, f});
+             }
+             if (l.b_in()) {
+               out["b_in"] = live_view(self, grads ? l.b_in_grad() : l.b_in(), {E, f});
+               out["b_out"] = live_view(self, grads ? l.b_out_grad() : l.b_out(), {E, d});
+             }
+             return out;
+           })
+      .def("forward",
+           [](PySwitchFFN& w, py::handle x, bool training) {
+             return layer_forward("SwitchFFN.forward", w, x, training);
+           })
+      .def("backward", [](PySwitchFFN& w,
+                          py::handle dy) { return layer_backward("SwitchFFN.backward", w, dy); })
+      .def_property_readonly("aux_loss",
+                             [](PySwitchFFN& w) {
+                               std::lock_guard<std::mutex> lock(w.mutex);
+                               return w.layer.has_forward() ? w.layer.aux_loss() : 0.0;
+                             })
+      .def_property_readonly("z_loss",
+                             [](PySwitchFFN& w) {
+                               std::lock_guard<std::mutex> lock(w.mutex);
+                               return w.layer.has_forward() ? w.layer.z_loss() : 0.0;
+                             })
+      .def_property_readonly("last_plan",
+                             [](PySwitchFFN& w) -> py::object {
+                               std::lock_guard<std::mutex> lock(w.mutex);
+                               if (!w.layer.has_forward()) return py::none();
+                               return py::cast(w.layer.plan());  // a copy
+                             })
+      .def("stats", [](PySwitchFFN& w) {
+        std::lock_guard<std::mutex> lock(w.mutex);
+        PYSWITCH_CHECK_STATE(w.layer.has_forward(), "SwitchFFN.stats: no forward pass yet");
+        return w.layer.stats();
+      });
+
+  py::class_<PyDenseFFN>(m, "DenseFFN")
+      .def(py::init([](int64_t d_model, int64_t d_ff, const std::string& activation, bool use_bias,
+                       double dropout, const std::string& dtype, double init_scale, uint64_t seed) {
+             moe::DenseFFNOptions o;
+             o.activation = moe::parse_activation(activation);
+             o.use_bias = use_bias;
+             o.dropout = dropout;
+             o.dtype = parse_dtype("DenseFFN", dtype);
+             o.init_scale = init_scale;
+             o.seed = seed;
+             return std::make_unique<PyDenseFFN>(d_model, d_ff, o);
+           }),
+           py::arg("d_model"), py::arg("d_ff"), py::arg("activation"), py::arg("use_bias"),
+           py::arg("dropout"), py::arg("dtype"), py::arg("init_scale"), py::arg("seed"))
+      .def("tensors",
+           [](py::object self, bool grads) {
+             auto& w = self.cast<PyDenseFFN&>();
+             moe::DenseFFN& l = w.layer;
+             const int64_t d = l.d_model(), f = l.d_ff();
+             py::dict out;
+             out["w_in"] = live_view(self, grads ? l.w_in_grad() : l.w_in(), {d, f});
+             out["w_out"] = live_view(self, grads ? l.w_out_grad() : l.w_out(), {f, d});
+             if (l.w_gate()) {
+               out["w_gate"] = live_view(self, grads ? l.w_gate_grad() : l.w_gate(), {d, f});
+             }
+             if (l.b_in()) {
+               out["b_in"] = live_view(self, grads ? l.b_in_grad() : l.b_in(), {f});
+               out["b_out"] = live_view(self, grads ? l.b_out_grad() : l.b_out(), {d});
+             }
+             return out;
+           })
+      .def("forward",
+           [](PyDenseFFN& w, py::handle x, bool training) {
+             return layer_forward("DenseFFN.forward", w, x, training);
+           })
+      .def("backward",
+           [](PyDenseFFN& w, py::handle dy) { return layer_backward("DenseFFN.backward", w, dy); });
 }

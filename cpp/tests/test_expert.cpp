@@ -102,7 +102,8 @@ TEST(experts_forward_and_backward_match_reference) {
       const int64_t rows = pr.offsets.back(), d = pr.shape.d_model;
       std::vector<float> y(rows * d);
       ExpertCache cache;
-      experts_forward(pr.shape, pr.params(), pr.offsets.data(), pr.x.data(), y.data(), &cache);
+      experts_forward(pr.shape, pr.params(), pr.offsets.data(), DType::float32, pr.x.data(),
+                      y.data(), &cache);
       double loss = 0;
       for (int64_t i = 0; i < rows * d; ++i) loss += static_cast<double>(y[i]) * pr.dy[i];
       CHECK(std::fabs(loss - loss_ref(pr)) <= 1e-4 * (1 + std::fabs(loss)));
@@ -153,7 +154,8 @@ TEST(experts_bit_identical_for_any_thread_count) {
     std::vector<float> y(rows * d), dx(rows * d), gw_in(pr.w_in.size()), gw_out(pr.w_out.size()),
         gb_in(pr.b_in.size()), gb_out(pr.b_out.size());
     ExpertCache cache;
-    experts_forward(pr.shape, pr.params(), pr.offsets.data(), pr.x.data(), y.data(), &cache);
+    experts_forward(pr.shape, pr.params(), pr.offsets.data(), DType::float32, pr.x.data(), y.data(),
+                    &cache);
     ExpertGrads g{gw_in.data(), nullptr, gw_out.data(), gb_in.data(), gb_out.data()};
     experts_backward(pr.shape, pr.params(), pr.offsets.data(), pr.x.data(), cache, pr.dy.data(),
                      dx.data(), g);
@@ -172,13 +174,14 @@ TEST(experts_reject_bad_offsets_and_missing_weights) {
   std::vector<float> y(4 * 3);
   std::vector<int64_t> bad = {0, 3, 2};
   CHECK_THROWS(InvalidArgument,
-               experts_forward(pr.shape, pr.params(), bad.data(), pr.x.data(), y.data(), nullptr),
+               experts_forward(pr.shape, pr.params(), bad.data(), DType::float32, pr.x.data(),
+                               y.data(), nullptr),
                "offsets must be non-decreasing");
   ExpertShape geglu = pr.shape;
   geglu.activation = Activation::geglu;
-  CHECK_THROWS(
-      InvalidArgument,
-      experts_forward(geglu, pr.params(), pr.offsets.data(), pr.x.data(), y.data(), nullptr),
-      "w_gate must be given exactly when the activation is geglu");
+  CHECK_THROWS(InvalidArgument,
+               experts_forward(geglu, pr.params(), pr.offsets.data(), DType::float32, pr.x.data(),
+                               y.data(), nullptr),
+               "w_gate must be given exactly when the activation is geglu");
   CHECK_THROWS(InvalidArgument, parse_activation("swish"), "activation must be");
 }

@@ -8,6 +8,12 @@
 
 namespace pyswitch {
 
+/// Stream tags: the high byte says what a stream is for, so that no two uses of one seed ever
+/// draw the same numbers (the low bits count steps or name tensors).
+constexpr uint64_t kStreamInit = uint64_t{0} << 56;     ///< + parameter number
+constexpr uint64_t kStreamJitter = uint64_t{1} << 56;   ///< + training step
+constexpr uint64_t kStreamDropout = uint64_t{2} << 56;  ///< + training step
+
 /// Four 32-bit random words for counter (stream, index) under seed.
 void philox4x32(uint64_t seed, uint64_t stream, uint64_t index, uint32_t out[4]);
 

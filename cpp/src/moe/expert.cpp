@@ -8,6 +8,7 @@
 #include "gemm.hpp"
 #include "parallel.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/random.hpp"
 
 namespace pyswitch::moe {
 namespace {
@@ -24,6 +25,14 @@ inline float gelu_grad(float x) {
   const float inner = kGeluC * (x + kGeluA * x * x * x);
   const float th = std::tanh(inner);
   return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * kGeluA * x * x);
+}
+
+// The dropout multiplier of hidden element `index`: 0 or 1 / (1 - rate).
+inline float dropout_scale(const DropoutSpec& spec, int64_t index) {
+  uint32_t words[4];
+  philox4x32(spec.seed, spec.stream, static_cast<uint64_t>(index) / 4, words);
+  const float u = uniform_from_bits(words[index % 4]);
+  return u < static_cast<float>(spec.rate) ? 0.0f : static_cast<float>(1.0 / (1.0 - spec.rate));
 }
 
 // (expert, first row, rows) units: every expert's rows cut into fixed blocks.
@@ -56,6 +65,30 @@ void validate(const char* where, const ExpertShape& s, const ExpertParams& p,
   }
 }
 
+// Element pointer arithmetic on a buffer of either dtype.
+inline const void* at(const void* base, DType dtype, int64_t index) {
+  return static_cast<const char*>(base) + index * dtype_size(dtype);
+}
+inline void* at(void* base, DType dtype, int64_t index) {
+  return static_cast<char*>(base) + index * dtype_size(dtype);
+}
+
+// Stores a float32 block into `out` of dtype, or leaves it when out already is that block.
+void store_block(const float* block, DType dtype, void* out, int64_t n) {
+  if (dtype == DType::float32) {
+    if (static_cast<const void*>(block) != out) std::copy_n(block, n, static_cast<float*>(out));
+  } else {
+    bf16* dst = static_cast<bf16*>(out);
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(block[i]);
+  }
+}
+
+std::vector<bf16> to_bf16(const float* src, int64_t n) {
+  std::vector<bf16> out(static_cast<size_t>(n));
+  convert_f32_to_bf16(src, out.data(), n);
+  return out;
+}
+
 }  // namespace
 
 Activation parse_activation(const std::string& name) {
@@ -66,24 +99,43 @@ Activation parse_activation(const std::string& name) {
 }
 
 void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
-                     const float* x, float* y, ExpertCache* cache) {
+                     DType dtype, const void* x, void* y, ExpertCache* cache,
+                     const DropoutSpec& dropout) {
   validate("experts_forward", s, p, offsets);
+  PYSWITCH_CHECK_ARG(dropout.rate >= 0.0 && dropout.rate < 1.0,
+                     "experts_forward: dropout rate must be in [0, 1), got ", dropout.rate);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
   const int64_t rows = offsets[E];
   const bool geglu = s.activation == Activation::geglu;
+  const bool bf16_compute = dtype == DType::bfloat16;
   ExpertCache local;
   ExpertCache& c = cache ? *cache : local;
+  c.dtype = dtype;
+  c.dropout = cache ? dropout : DropoutSpec{};
   c.pre.resize(static_cast<size_t>(rows * f));
   c.hidden.resize(static_cast<size_t>(rows * f));
   c.linear.resize(geglu ? static_cast<size_t>(rows * f) : 0);
+  c.hidden_bf16.resize(bf16_compute ? static_cast<size_t>(rows * f) : 0);
+  const void* w_in = p.w_in;
+  const void* w_gate = p.w_gate;
+  const void* w_out = p.w_out;
+  if (bf16_compute) {
+    c.w_in = to_bf16(p.w_in, E * d * f);
+    c.w_out = to_bf16(p.w_out, E * f * d);
+    c.w_gate = geglu ? to_bf16(p.w_gate, E * d * f) : std::vector<bf16>{};
+    w_in = c.w_in.data();
+    w_out = c.w_out.data();
+    w_gate = geglu ? c.w_gate.data() : nullptr;
+  }
+  const bool drop = c.dropout.rate > 0.0;
   const std::vector<Unit> units = row_units(offsets, E, kRowBlock);
   detail::parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u) {
     const Unit& w = units[static_cast<size_t>(u)];
-    const float* xb = x + w.first * d;
+    const void* xb = at(x, dtype, w.first * d);
     float* pre = c.pre.data() + w.first * f;
     float* hidden = c.hidden.data() + w.first * f;
-    detail::sgemm(false, false, w.rows, f, d, 1.0f, xb, d, p.w_in + w.expert * d * f, f, 0.0f, pre,
-                  f);
+    detail::gemm(dtype, false, false, w.rows, f, d, 1.0f, xb, d, at(w_in, dtype, w.expert * d * f),
+                 f, 0.0f, pre, f);
     if (p.b_in) {
       for (int64_t r = 0; r < w.rows; ++r) {
         for (int64_t j = 0; j < f; ++j) pre[r * f + j] += p.b_in[w.expert * f + j];
@@ -91,102 +143,138 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
     }
     if (geglu) {
       float* linear = c.linear.data() + w.first * f;
-      detail::sgemm(false, false, w.rows, f, d, 1.0f, xb, d, p.w_gate + w.expert * d * f, f, 0.0f,
-                    linear, f);
+      detail::gemm(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
+                   at(w_gate, dtype, w.expert * d * f), f, 0.0f, linear, f);
       for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]) * linear[i];
     } else if (s.activation == Activation::gelu) {
       for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]);
     } else {
       for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
     }
-    float* yb = y + w.first * d;
-    detail::sgemm(false, false, w.rows, d, f, 1.0f, hidden, f, p.w_out + w.expert * f * d, d, 0.0f,
-                  yb, d);
+    if (drop) {
+      for (int64_t i = 0; i < w.rows * f; ++i) {
+        hidden[i] *= dropout_scale(c.dropout, w.first * f + i);
+      }
+    }
+    const void* hidden_operand = hidden;
+    if (bf16_compute) {
+      bf16* rounded = c.hidden_bf16.data() + w.first * f;
+      for (int64_t i = 0; i < w.rows * f; ++i) rounded[i] = float_to_bf16(hidden[i]);
+      hidden_operand = rounded;
+    }
+    std::vector<float> out_block;
+    float* yb = static_cast<float*>(at(y, dtype, w.first * d));
+    if (bf16_compute) {
+      out_block.resize(static_cast<size_t>(w.rows * d));
+      yb = out_block.data();
+    }
+    detail::gemm(dtype, false, false, w.rows, d, f, 1.0f, hidden_operand, f,
+                 at(w_out, dtype, w.expert * f * d), d, 0.0f, yb, d);
     if (p.b_out) {
       for (int64_t r = 0; r < w.rows; ++r) {
         for (int64_t j = 0; j < d; ++j) yb[r * d + j] += p.b_out[w.expert * d + j];
       }
     }
+    store_block(yb, dtype, at(y, dtype, w.first * d), w.rows * d);
   });
 }
 
 void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
-                      const float* x, const ExpertCache& c, const float* dy, float* dx,
+                      const void* x, const ExpertCache& c, const void* dy, void* dx,
                       const ExpertGrads& g) {
   validate("experts_backward", s, p, offsets);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
   const int64_t rows = offsets[E];
   const bool geglu = s.activation == Activation::geglu;
+  const DType dtype = c.dtype;
+  const bool bf16_compute = dtype == DType::bfloat16;
   PYSWITCH_CHECK_ARG(static_cast<int64_t>(c.hidden.size()) == rows * f,
-                     "experts_backward: the "
-                     "cache does not come from a forward over these ",
-                     rows, " rows");
+                     "experts_backward: the cache does not come from a forward over these ", rows,
+                     " rows");
+  const void* w_in = bf16_compute ? static_cast<const void*>(c.w_in.data()) : p.w_in;
+  const void* w_gate = bf16_compute ? static_cast<const void*>(c.w_gate.data()) : p.w_gate;
+  const void* w_out = bf16_compute ? static_cast<const void*>(c.w_out.data()) : p.w_out;
+  const void* hidden = bf16_compute ? static_cast<const void*>(c.hidden_bf16.data())
+                                    : static_cast<const void*>(c.hidden.data());
+  const bool drop = c.dropout.rate > 0.0;
+  // float32 d_pre (for the biases and the activation), plus the GEMM operand copies in bf16.
   std::vector<float> d_pre(static_cast<size_t>(rows * f));
   std::vector<float> d_linear(geglu ? static_cast<size_t>(rows * f) : 0);
-  // Row-parallel part: d_hidden = dy W_out^T, through the activation, dx = d_pre W_in^T (+ ...).
+  std::vector<bf16> d_pre_bf16(bf16_compute ? static_cast<size_t>(rows * f) : 0);
+  std::vector<bf16> d_linear_bf16(bf16_compute && geglu ? static_cast<size_t>(rows * f) : 0);
+  const void* d_pre_operand = bf16_compute ? static_cast<const void*>(d_pre_bf16.data())
+                                           : static_cast<const void*>(d_pre.data());
+  const void* d_linear_operand = bf16_compute ? static_cast<const void*>(d_linear_bf16.data())
+                                              : static_cast<const void*>(d_linear.data());
+
+  // Row-parallel part: d_hidden = dy W_out^T, through dropout and the activation, then
+  // dx = d_pre W_in^T (+ d_linear W_gate^T).
   const std::vector<Unit> units = row_units(offsets, E, kRowBlock);
   detail::parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u) {
     const Unit& w = units[static_cast<size_t>(u)];
+    const int64_t n = w.rows * f;
     float* dp = d_pre.data() + w.first * f;
-    detail::sgemm(false, true, w.rows, f, d, 1.0f, dy + w.first * d, d, p.w_out + w.expert * f * d,
-                  d, 0.0f, dp, f);  // d_hidden, turned into d_pre in place below
+    detail::gemm(dtype, false, true, w.rows, f, d, 1.0f, at(dy, dtype, w.first * d), d,
+                 at(w_out, dtype, w.expert * f * d), d, 0.0f, dp, f);  // d_hidden, in place
+    if (drop) {
+      for (int64_t i = 0; i < n; ++i) dp[i] *= dropout_scale(c.dropout, w.first * f + i);
+    }
     const float* pre = c.pre.data() + w.first * f;
     if (geglu) {
       const float* linear = c.linear.data() + w.first * f;
       float* dl = d_linear.data() + w.first * f;
-      for (int64_t i = 0; i < w.rows * f; ++i) {
+      for (int64_t i = 0; i < n; ++i) {
         dl[i] = dp[i] * gelu(pre[i]);
         dp[i] = dp[i] * linear[i] * gelu_grad(pre[i]);
       }
     } else if (s.activation == Activation::gelu) {
-      for (int64_t i = 0; i < w.rows * f; ++i) dp[i] *= gelu_grad(pre[i]);
+      for (int64_t i = 0; i < n; ++i) dp[i] *= gelu_grad(pre[i]);
     } else {
-      for (int64_t i = 0; i < w.rows * f; ++i) dp[i] = pre[i] > 0.0f ? dp[i] : 0.0f;
+      for (int64_t i = 0; i < n; ++i) dp[i] = pre[i] > 0.0f ? dp[i] : 0.0f;
     }
-    float* dxb = dx + w.first * d;
-    detail::sgemm(false, true, w.rows, d, f, 1.0f, dp, f, p.w_in + w.expert * d * f, f, 0.0f, dxb,
-                  d);
+    if (bf16_compute) {
+      bf16* rounded = d_pre_bf16.data() + w.first * f;
+      for (int64_t i = 0; i < n; ++i) rounded[i] = float_to_bf16(dp[i]);
+      if (geglu) {
+        bf16* rounded_linear = d_linear_bf16.data() + w.first * f;
+        const float* dl = d_linear.data() + w.first * f;
+        for (int64_t i = 0; i < n; ++i) rounded_linear[i] = float_to_bf16(dl[i]);
+      }
+    }
+    std::vector<float> dx_block(static_cast<size_t>(w.rows * d));
+    detail::gemm(dtype, false, true, w.rows, d, f, 1.0f, at(d_pre_operand, dtype, w.first * f), f,
+                 at(w_in, dtype, w.expert * d * f), f, 0.0f, dx_block.data(), d);
     if (geglu) {
-      detail::sgemm(false, true, w.rows, d, f, 1.0f, d_linear.data() + w.first * f, f,
-                    p.w_gate + w.expert * d * f, f, 1.0f, dxb, d);
+      detail::gemm(dtype, false, true, w.rows, d, f, 1.0f, at(d_linear_operand, dtype, w.first * f),
+                   f, at(w_gate, dtype, w.expert * d * f), f, 1.0f, dx_block.data(), d);
     }
+    store_block(dx_block.data(), dtype, at(dx, dtype, w.first * d), w.rows * d);
   });
+
   // Weight gradients: per expert, reductions over its rows (K = rows), split over output rows.
-  const int64_t d_blocks = detail::ceil_div(d, kRowBlock),
-                f_blocks = detail::ceil_div(f, kRowBlock);
+  const int64_t d_blocks = detail::ceil_div(d, kRowBlock);
+  const int64_t f_blocks = detail::ceil_div(f, kRowBlock);
   detail::parallel_for(E * (d_blocks + f_blocks), [&](int64_t u) {
     const int64_t e = u / (d_blocks + f_blocks), part = u % (d_blocks + f_blocks);
     const int64_t first = offsets[e], n = offsets[e + 1] - offsets[e];
-    if (part < d_blocks) {  // dW_in[e] rows [m0, m0+mb) = x_e^T d_pre_e
+    if (part < d_blocks) {  // dW_in[e] rows [m0, m0 + mb) = x_e^T d_pre_e (and W_gate's)
       const int64_t m0 = part * kRowBlock, mb = std::min(kRowBlock, d - m0);
-      float* out = g.w_in + e * d * f + m0 * f;
-      if (n == 0) {
-        std::fill(out, out + mb * f, 0.0f);
-      } else {
-        detail::sgemm(true, false, mb, f, n, 1.0f, x + first * d + m0, d, d_pre.data() + first * f,
-                      f, 0.0f, out, f);
-      }
+      detail::gemm(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
+                   at(d_pre_operand, dtype, first * f), f, 0.0f, g.w_in + e * d * f + m0 * f, f);
       if (geglu) {
-        float* out_gate = g.w_gate + e * d * f + m0 * f;
-        if (n == 0) {
-          std::fill(out_gate, out_gate + mb * f, 0.0f);
-        } else {
-          detail::sgemm(true, false, mb, f, n, 1.0f, x + first * d + m0, d,
-                        d_linear.data() + first * f, f, 0.0f, out_gate, f);
-        }
+        detail::gemm(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
+                     at(d_linear_operand, dtype, first * f), f, 0.0f, g.w_gate + e * d * f + m0 * f,
+                     f);
       }
-    } else {  // dW_out[e] rows [m0, m0+mb) = hidden_e^T dy_e
+    } else {  // dW_out[e] rows [m0, m0 + mb) = hidden_e^T dy_e
       const int64_t m0 = (part - d_blocks) * kRowBlock, mb = std::min(kRowBlock, f - m0);
-      float* out = g.w_out + e * f * d + m0 * d;
-      if (n == 0) {
-        std::fill(out, out + mb * d, 0.0f);
-      } else {
-        detail::sgemm(true, false, mb, d, n, 1.0f, c.hidden.data() + first * f + m0, f,
-                      dy + first * d, d, 0.0f, out, d);
-      }
+      detail::gemm(dtype, true, false, mb, d, n, 1.0f, at(hidden, dtype, first * f + m0), f,
+                   at(dy, dtype, first * d), d, 0.0f, g.w_out + e * f * d + m0 * d, d);
     }
   });
+
   // Bias gradients: column sums in row order.
+  std::vector<float> dy_row(static_cast<size_t>(d));
   for (int64_t e = 0; e < E; ++e) {
     if (g.b_in) {
       float* out = g.b_in + e * f;
@@ -199,7 +287,12 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
       float* out = g.b_out + e * d;
       std::fill(out, out + d, 0.0f);
       for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
-        for (int64_t j = 0; j < d; ++j) out[j] += dy[r * d + j];
+        if (bf16_compute) {
+          convert_bf16_to_f32(static_cast<const bf16*>(dy) + r * d, dy_row.data(), d);
+        } else {
+          std::copy_n(static_cast<const float*>(dy) + r * d, d, dy_row.data());
+        }
+        for (int64_t j = 0; j < d; ++j) out[j] += dy_row[static_cast<size_t>(j)];
       }
     }
   }

@@ -342,7 +342,7 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
   weight_grad_.assign(weight_.size(), 0.0f);
   truncated_normal(weight_.data(), static_cast<int64_t>(weight_.size()),
                    std::sqrt(options.init_scale / static_cast<double>(d_model)), options.seed,
-                   /*stream=*/0);
+                   kStreamInit + 0);
 }
 
 const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool training) {
@@ -360,7 +360,8 @@ const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool t
   if (training && options_.jitter_eps > 0) {
     jitter_.resize(static_cast<size_t>(n));
     const float eps = static_cast<float>(options_.jitter_eps);
-    uniform(jitter_.data(), n, 1.0f - eps, 1.0f + eps, options_.seed, 1 + training_steps_++);
+    uniform(jitter_.data(), n, 1.0f - eps, 1.0f + eps, options_.seed,
+            kStreamJitter + training_steps_++);
     for (int64_t i = 0; i < n; ++i)
       x_used_[static_cast<size_t>(i)] *= jitter_[static_cast<size_t>(i)];
   }

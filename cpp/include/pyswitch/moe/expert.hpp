@@ -2,12 +2,16 @@
 /// The expert FFNs of a Switch layer, forward and backward, over a packed expert buffer:
 /// expert e owns rows [offsets[e], offsets[e+1]) and computes
 /// act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]  (GEGLU: gelu(x W_in[e]) * (x W_gate[e])).
-/// float32 in this version; GEMMs through oneDNN, deterministic for any thread count.
+/// Compute in float32, or bfloat16 operands with float32 accumulation; GEMMs through oneDNN,
+/// deterministic for any thread count.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "pyswitch/bf16.hpp"
+#include "pyswitch/tensor.hpp"
 
 namespace pyswitch::moe {
 
@@ -45,21 +49,36 @@ struct ExpertGrads {
   float* b_out = nullptr;
 };
 
-/// What the backward pass needs from the forward: (rows, d_ff) pre-activations (and the linear
-/// branch for geglu) and the hidden activations.
-struct ExpertCache {
-  std::vector<float> pre, linear, hidden;
+/// Inverted dropout on the hidden activation (training only): element (row, j) is kept unless
+/// the Philox draw for (seed, stream, row * d_ff + j) is below `rate`; kept values are scaled by
+/// 1 / (1 - rate). rate 0 disables it.
+struct DropoutSpec {
+  double rate = 0.0;
+  uint64_t seed = 0;
+  uint64_t stream = 0;
 };
 
-/// x (rows, d_model) -> y (rows, d_model), rows = offsets[E]. offsets: (E + 1,) non-decreasing
-/// from 0. cache may be null (inference). Throws InvalidArgument for bad shapes or offsets.
-void experts_forward(const ExpertShape& shape, const ExpertParams& params, const int64_t* offsets,
-                     const float* x, float* y, ExpertCache* cache);
+/// What the backward pass needs from the forward. Filled by experts_forward.
+struct ExpertCache {
+  DType dtype = DType::float32;
+  DropoutSpec dropout;
+  std::vector<float> pre, linear;         ///< (rows, d_ff) float32 pre-activations (linear: geglu)
+  std::vector<float> hidden;              ///< (rows, d_ff) after activation and dropout
+  std::vector<bf16> hidden_bf16;          ///< the same rounded to bf16 (bf16 compute only)
+  std::vector<bf16> w_in, w_gate, w_out;  ///< bf16 copies of the weights (bf16 compute only)
+};
 
-/// dy (rows, d_model) -> dx (rows, d_model) and the parameter gradients, given the forward's x
-/// and cache.
+/// x (rows, d_model) -> y (rows, d_model), both of `dtype`, rows = offsets[E]. offsets: (E + 1,)
+/// non-decreasing from 0. cache may be null (inference; dropout is then off). Throws
+/// InvalidArgument for bad shapes, offsets or dropout rate.
+void experts_forward(const ExpertShape& shape, const ExpertParams& params, const int64_t* offsets,
+                     DType dtype, const void* x, void* y, ExpertCache* cache,
+                     const DropoutSpec& dropout = {});
+
+/// dy (rows, d_model) -> dx (rows, d_model) (both of the forward's dtype) and the float32
+/// parameter gradients, given the forward's x and cache.
 void experts_backward(const ExpertShape& shape, const ExpertParams& params, const int64_t* offsets,
-                      const float* x, const ExpertCache& cache, const float* dy, float* dx,
+                      const void* x, const ExpertCache& cache, const void* dy, void* dx,
                       const ExpertGrads& grads);
 
 }  // namespace pyswitch::moe

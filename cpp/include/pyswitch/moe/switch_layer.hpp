@@ -1,0 +1,152 @@
+/// @file moe/switch_layer.hpp
+/// The Switch FFN layer (router + dispatch + expert FFNs + combine, forward and backward) and
+/// its FLOP-matched dense counterpart. Semantics: SPEC.md section 2.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "pyswitch/moe/dispatch.hpp"
+#include "pyswitch/moe/expert.hpp"
+#include "pyswitch/moe/router.hpp"
+#include "pyswitch/tensor.hpp"
+
+namespace pyswitch::moe {
+
+struct SwitchFFNOptions {
+  RouterOptions router;  ///< routing, capacities, jitter, init_scale and seed (shared)
+  Activation activation = Activation::relu;
+  bool use_bias = false;
+  double expert_dropout = 0.0;   ///< on the hidden activation, training only, in [0, 1)
+  DType dtype = DType::float32;  ///< compute dtype; parameters stay float32 (master copies)
+  double aux_loss_coef = 1e-2;
+  double z_loss_coef = 1e-3;
+};
+
+/// Routing statistics of the last forward.
+struct SwitchStats {
+  std::vector<int64_t> tokens_per_expert;  ///< (E,), before capacity
+  double drop_fraction = 0;                ///< dropped assignments / (T * k)
+  double router_entropy = 0;               ///< mean over tokens of -sum p log p (nats)
+};
+
+/// A Switch FFN layer on one rank holding all experts.
+///
+/// Parameters are float32 and owned by the layer; the accessors return live pointers:
+/// router (d_model, E), w_in (E, d_model, d_ff), w_gate (E, d_model, d_ff; geglu only, else
+/// null), w_out (E, d_ff, d_model), b_in (E, d_ff) and b_out (E, d_model) (use_bias only, else
+/// null). Gradients have the same layout and are written by backward().
+/// Not thread-safe: one call at a time per layer (calls are multi-threaded inside).
+class SwitchFFN {
+ public:
+  /// Throws InvalidArgument for sizes < 1, bad routing options or dropout outside [0, 1).
+  SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts, const SwitchFFNOptions& options);
+
+  int64_t d_model() const { return shape_.d_model; }
+  int64_t d_ff() const { return shape_.d_ff; }
+  int64_t num_experts() const { return shape_.num_experts; }
+  const SwitchFFNOptions& options() const { return options_; }
+
+  float* router_weight() { return router_.weight(); }
+  float* w_in() { return w_in_.data(); }
+  float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
+  float* w_out() { return w_out_.data(); }
+  float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
+  float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
+  float* router_weight_grad() { return router_.weight_grad(); }
+  float* w_in_grad() { return g_w_in_.data(); }
+  float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
+  float* w_out_grad() { return g_w_out_.data(); }
+  float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
+  float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+
+  /// x: (T, d_model) of x_dtype (float32 or bfloat16), T >= 1. y: (T, d_model) of x_dtype,
+  /// written. Uses capacity_factor when training, else eval_capacity_factor.
+  void forward(const void* x, DType x_dtype, int64_t num_tokens, bool training, void* y);
+
+  /// dy: (T, d_model) of the forward's x dtype. dx: the same shape and dtype, written.
+  /// Differentiates sum(dy * y) + aux_loss() + z_loss() and writes every gradient.
+  /// Throws Error when no forward preceded it.
+  void backward(const void* dy, void* dx);
+
+  double aux_loss() const { return options_.aux_loss_coef * plan().aux_loss; }  ///< scaled
+  double z_loss() const { return options_.z_loss_coef * plan().z_loss; }        ///< scaled
+  bool has_forward() const { return has_forward_; }
+  /// The plan of the last forward. Throws Error before the first forward.
+  const RoutingPlan& plan() const;
+  DType forward_dtype() const { return x_dtype_; }
+  int64_t forward_tokens() const { return tokens_; }
+  SwitchStats stats() const;
+
+ private:
+  ExpertParams expert_params() const;
+  ExpertGrads expert_grads();
+
+  ExpertShape shape_;
+  SwitchFFNOptions options_;
+  Router router_;
+  std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
+  std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+  // State of the last forward, kept for backward.
+  DispatchLayout layout_;
+  std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype
+  ExpertCache cache_;
+  DType x_dtype_ = DType::float32;
+  int64_t tokens_ = 0;
+  uint64_t training_steps_ = 0;
+  bool has_forward_ = false;
+};
+
+/// The dense FFN baseline with the same interface: act(x W_in + b_in) W_out + b_out for every
+/// token. Parameters: w_in (d_model, d_ff), w_gate (d_model, d_ff; geglu), w_out (d_ff,
+/// d_model), b_in (d_ff,), b_out (d_model,). Not thread-safe per instance.
+struct DenseFFNOptions {
+  Activation activation = Activation::relu;
+  bool use_bias = false;
+  double dropout = 0.0;
+  DType dtype = DType::float32;
+  double init_scale = 0.1;
+  uint64_t seed = 0;
+};
+
+class DenseFFN {
+ public:
+  DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options);
+  int64_t d_model() const { return shape_.d_model; }
+  int64_t d_ff() const { return shape_.d_ff; }
+  float* w_in() { return w_in_.data(); }
+  float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
+  float* w_out() { return w_out_.data(); }
+  float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
+  float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
+  float* w_in_grad() { return g_w_in_.data(); }
+  float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
+  float* w_out_grad() { return g_w_out_.data(); }
+  float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
+  float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+
+  /// As SwitchFFN::forward / backward.
+  void forward(const void* x, DType x_dtype, int64_t num_tokens, bool training, void* y);
+  void backward(const void* dy, void* dx);
+  bool has_forward() const { return has_forward_; }
+  DType forward_dtype() const { return x_dtype_; }
+  int64_t forward_tokens() const { return tokens_; }
+
+ private:
+  ExpertShape shape_;
+  DenseFFNOptions options_;
+  std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
+  std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+  std::vector<char> x_compute_;
+  ExpertCache cache_;
+  DType x_dtype_ = DType::float32;
+  int64_t tokens_ = 0;
+  uint64_t training_steps_ = 0;
+  bool has_forward_ = false;
+};
+
+/// Converts n values between float32 and bfloat16 (or copies when the dtypes match).
+void convert_activations(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n);
+
+}  // namespace pyswitch::moe

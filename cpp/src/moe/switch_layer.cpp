@@ -1,0 +1,266 @@
+// The Switch FFN layer and the dense FFN: orchestration of router, dispatch, experts, combine.
+#include "pyswitch/moe/switch_layer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "pyswitch/bf16.hpp"
+#include "pyswitch/error.hpp"
+#include "pyswitch/random.hpp"
+
+namespace pyswitch::moe {
+namespace {
+
+void init_truncated(std::vector<float>& out, int64_t n, double init_scale, int64_t fan_in,
+                    uint64_t seed, uint64_t stream) {
+  out.resize(static_cast<size_t>(n));
+  truncated_normal(out.data(), n, std::sqrt(init_scale / static_cast<double>(fan_in)), seed,
+                   stream);
+}
+
+void check_sizes(const char* where, int64_t d_model, int64_t d_ff, int64_t experts) {
+  PYSWITCH_CHECK_ARG(d_model >= 1, where, ": d_model must be >= 1, got ", d_model);
+  PYSWITCH_CHECK_ARG(d_ff >= 1, where, ": d_ff must be >= 1, got ", d_ff);
+  PYSWITCH_CHECK_ARG(experts >= 1, where, ": num_experts must be >= 1, got ", experts);
+  PYSWITCH_CHECK_ARG(d_model <= (int64_t{1} << 24) && d_ff <= (int64_t{1} << 24) &&
+                         experts <= (int64_t{1} << 24) &&
+                         static_cast<double>(d_model) * d_ff * experts <= 1.0e10,
+                     where, ": d_model * d_ff * num_experts = ", d_model, " * ", d_ff, " * ",
+                     experts, " is too large (at most 1e10 weights per tensor)");
+}
+
+void check_dropout(const char* where, const char* name, double rate) {
+  PYSWITCH_CHECK_ARG(std::isfinite(rate) && rate >= 0.0 && rate < 1.0, where, ": ", name,
+                     " must be in [0, 1), got ", rate);
+}
+
+// Sum of two (n,) activations of `dtype`, accumulated in float32, written into `out`.
+void add_into(const void* a, const void* b, DType dtype, int64_t n, void* out) {
+  std::vector<float> fa(static_cast<size_t>(n)), fb(static_cast<size_t>(n));
+  convert_activations(a, dtype, fa.data(), DType::float32, n);
+  convert_activations(b, dtype, fb.data(), DType::float32, n);
+  for (int64_t i = 0; i < n; ++i) fa[static_cast<size_t>(i)] += fb[static_cast<size_t>(i)];
+  convert_activations(fa.data(), DType::float32, out, dtype, n);
+}
+
+}  // namespace
+
+void convert_activations(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
+  if (src_dtype == dst_dtype) {
+    if (src != dst) std::memcpy(dst, src, static_cast<size_t>(n * dtype_size(src_dtype)));
+  } else if (src_dtype == DType::float32) {
+    convert_f32_to_bf16(static_cast<const float*>(src), static_cast<bf16*>(dst), n);
+  } else {
+    convert_bf16_to_f32(static_cast<const bf16*>(src), static_cast<float*>(dst), n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwitchFFN
+
+SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
+                     const SwitchFFNOptions& options)
+    : shape_{num_experts, d_model, d_ff, options.activation},
+      options_(options),
+      router_((check_sizes("SwitchFFN", d_model, d_ff, num_experts), d_model), num_experts,
+              options.router) {
+  check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
+  PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
+                     "SwitchFFN: aux_loss_coef and z_loss_coef must be finite, got ",
+                     options.aux_loss_coef, " and ", options.z_loss_coef);
+  const int64_t E = num_experts, d = d_model, f = d_ff;
+  const uint64_t seed = options.router.seed;
+  const double scale = options.router.init_scale;
+  init_truncated(w_in_, E * d * f, scale, d, seed, kStreamInit + 1);
+  init_truncated(w_out_, E * f * d, scale, f, seed, kStreamInit + 2);
+  if (options.activation == Activation::geglu) {
+    init_truncated(w_gate_, E * d * f, scale, d, seed, kStreamInit + 3);
+  }
+  if (options.use_bias) {
+    b_in_.assign(static_cast<size_t>(E * f), 0.0f);
+    b_out_.assign(static_cast<size_t>(E * d), 0.0f);
+  }
+  g_w_in_.assign(w_in_.size(), 0.0f);
+  g_w_out_.assign(w_out_.size(), 0.0f);
+  g_w_gate_.assign(w_gate_.size(), 0.0f);
+  g_b_in_.assign(b_in_.size(), 0.0f);
+  g_b_out_.assign(b_out_.size(), 0.0f);
+}
+
+ExpertParams SwitchFFN::expert_params() const {
+  ExpertParams p;
+  p.w_in = w_in_.data();
+  p.w_gate = w_gate_.empty() ? nullptr : w_gate_.data();
+  p.w_out = w_out_.data();
+  p.b_in = b_in_.empty() ? nullptr : b_in_.data();
+  p.b_out = b_out_.empty() ? nullptr : b_out_.data();
+  return p;
+}
+
+ExpertGrads SwitchFFN::expert_grads() {
+  return {g_w_in_.data(), w_gate_grad(), g_w_out_.data(), b_in_grad(), b_out_grad()};
+}
+
+const RoutingPlan& SwitchFFN::plan() const {
+  PYSWITCH_CHECK_STATE(has_forward_, "SwitchFFN: no forward pass yet");
+  return router_.forward_plan();
+}
+
+void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, void* y) {
+  PYSWITCH_CHECK_ARG(T >= 1, "SwitchFFN.forward: x must have at least one token row, got shape (",
+                     T, ", ", shape_.d_model, ")");
+  has_forward_ = false;
+  const int64_t d = shape_.d_model;
+  const DType c = options_.dtype;
+  const RoutingPlan& plan = router_.forward(x, x_dtype, T, training);
+  layout_ = make_dispatch_layout(plan, /*packed=*/true);
+
+  // Tokens in the compute dtype, gathered into the packed expert buffer.
+  const void* x_c = x;
+  std::vector<char> converted;
+  if (x_dtype != c) {
+    converted.resize(static_cast<size_t>(T * d * dtype_size(c)));
+    convert_activations(x, x_dtype, converted.data(), c, T * d);
+    x_c = converted.data();
+  }
+  const int64_t rows = layout_.total_rows;
+  buffer_.resize(static_cast<size_t>(rows * d * dtype_size(c)));
+  expert_out_.resize(buffer_.size());
+  dispatch(x_c, c, d, layout_, buffer_.data());
+
+  DropoutSpec dropout;
+  if (training && options_.expert_dropout > 0) {
+    dropout = {options_.expert_dropout, options_.router.seed, kStreamDropout + training_steps_++};
+  }
+  experts_forward(shape_, expert_params(), layout_.expert_offset.data(), c, buffer_.data(),
+                  expert_out_.data(), &cache_, dropout);
+
+  if (x_dtype == c) {
+    combine(expert_out_.data(), c, d, layout_, plan.gate.data(), y);
+  } else {
+    std::vector<char> y_c(static_cast<size_t>(T * d * dtype_size(c)));
+    combine(expert_out_.data(), c, d, layout_, plan.gate.data(), y_c.data());
+    convert_activations(y_c.data(), c, y, x_dtype, T * d);
+  }
+  x_dtype_ = x_dtype;
+  tokens_ = T;
+  has_forward_ = true;
+}
+
+void SwitchFFN::backward(const void* dy, void* dx) {
+  PYSWITCH_CHECK_STATE(has_forward_,
+                       "SwitchFFN.backward: no forward pass to differentiate; call forward(x) "
+                       "first");
+  const int64_t T = tokens_, d = shape_.d_model, k = router_.options().route.k;
+  const DType c = options_.dtype;
+  const RoutingPlan& plan = router_.forward_plan();
+  const void* dy_c = dy;
+  std::vector<char> converted;
+  if (x_dtype_ != c) {
+    converted.resize(static_cast<size_t>(T * d * dtype_size(c)));
+    convert_activations(dy, x_dtype_, converted.data(), c, T * d);
+    dy_c = converted.data();
+  }
+  std::vector<char> d_expert_out(expert_out_.size());
+  std::vector<float> d_gate(static_cast<size_t>(T * k));
+  combine_backward(dy_c, expert_out_.data(), c, d, layout_, plan.gate.data(), d_expert_out.data(),
+                   d_gate.data());
+  std::vector<char> d_buffer(buffer_.size());
+  experts_backward(shape_, expert_params(), layout_.expert_offset.data(), buffer_.data(), cache_,
+                   d_expert_out.data(), d_buffer.data(), expert_grads());
+  std::vector<char> dx_experts(static_cast<size_t>(T * d * dtype_size(c)));
+  dispatch_backward(d_buffer.data(), c, d, layout_, dx_experts.data());
+
+  // The router's path: d(gate) plus the scaled losses, back to x through the logits.
+  std::vector<char> dx_router(static_cast<size_t>(T * d * dtype_size(x_dtype_)));
+  router_.backward(d_gate.data(), options_.aux_loss_coef, options_.z_loss_coef, dx_router.data());
+  if (x_dtype_ != c) {
+    std::vector<char> dx_experts_x(dx_router.size());
+    convert_activations(dx_experts.data(), c, dx_experts_x.data(), x_dtype_, T * d);
+    add_into(dx_experts_x.data(), dx_router.data(), x_dtype_, T * d, dx);
+  } else {
+    add_into(dx_experts.data(), dx_router.data(), x_dtype_, T * d, dx);
+  }
+}
+
+SwitchStats SwitchFFN::stats() const {
+  const RoutingPlan& p = plan();
+  SwitchStats s;
+  s.tokens_per_expert = p.tokens_per_expert;
+  s.drop_fraction = static_cast<double>(p.dropped) / static_cast<double>(p.num_tokens * p.k);
+  const int64_t T = p.num_tokens, E = p.num_experts;
+  std::vector<float> probs(static_cast<size_t>(T * E));
+  softmax_rows(router_.last_logits().data(), T, E, probs.data());
+  double entropy = 0;
+  for (float pi : probs) {
+    if (pi > 0) entropy -= static_cast<double>(pi) * std::log(static_cast<double>(pi));
+  }
+  s.router_entropy = entropy / static_cast<double>(T);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// DenseFFN
+
+DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options)
+    : shape_{1, d_model, d_ff, options.activation}, options_(options) {
+  check_sizes("DenseFFN", d_model, d_ff, 1);
+  check_dropout("DenseFFN", "dropout", options.dropout);
+  PYSWITCH_CHECK_ARG(std::isfinite(options.init_scale) && options.init_scale > 0,
+                     "DenseFFN: init_scale must be finite and > 0, got ", options.init_scale);
+  const int64_t d = d_model, f = d_ff;
+  init_truncated(w_in_, d * f, options.init_scale, d, options.seed, kStreamInit + 1);
+  init_truncated(w_out_, f * d, options.init_scale, f, options.seed, kStreamInit + 2);
+  if (options.activation == Activation::geglu) {
+    init_truncated(w_gate_, d * f, options.init_scale, d, options.seed, kStreamInit + 3);
+  }
+  if (options.use_bias) {
+    b_in_.assign(static_cast<size_t>(f), 0.0f);
+    b_out_.assign(static_cast<size_t>(d), 0.0f);
+  }
+  g_w_in_.assign(w_in_.size(), 0.0f);
+  g_w_out_.assign(w_out_.size(), 0.0f);
+  g_w_gate_.assign(w_gate_.size(), 0.0f);
+  g_b_in_.assign(b_in_.size(), 0.0f);
+  g_b_out_.assign(b_out_.size(), 0.0f);
+}
+
+void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, void* y) {
+  PYSWITCH_CHECK_ARG(T >= 1, "DenseFFN.forward: x must have at least one token row, got shape (", T,
+                     ", ", shape_.d_model, ")");
+  has_forward_ = false;
+  const int64_t d = shape_.d_model;
+  const DType c = options_.dtype;
+  x_compute_.resize(static_cast<size_t>(T * d * dtype_size(c)));
+  convert_activations(x, x_dtype, x_compute_.data(), c, T * d);
+  const int64_t offsets[2] = {0, T};
+  DropoutSpec dropout;
+  if (training && options_.dropout > 0) {
+    dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
+  }
+  ExpertParams p{w_in_.data(), w_gate(), w_out_.data(), b_in(), b_out()};
+  std::vector<char> y_c(x_compute_.size());
+  experts_forward(shape_, p, offsets, c, x_compute_.data(), y_c.data(), &cache_, dropout);
+  convert_activations(y_c.data(), c, y, x_dtype, T * d);
+  x_dtype_ = x_dtype;
+  tokens_ = T;
+  has_forward_ = true;
+}
+
+void DenseFFN::backward(const void* dy, void* dx) {
+  PYSWITCH_CHECK_STATE(has_forward_,
+                       "DenseFFN.backward: no forward pass to differentiate; call forward(x) "
+                       "first");
+  const int64_t T = tokens_, d = shape_.d_model;
+  const DType c = options_.dtype;
+  std::vector<char> dy_c(x_compute_.size()), dx_c(x_compute_.size());
+  convert_activations(dy, x_dtype_, dy_c.data(), c, T * d);
+  const int64_t offsets[2] = {0, T};
+  ExpertParams p{w_in_.data(), w_gate(), w_out_.data(), b_in(), b_out()};
+  ExpertGrads g{g_w_in_.data(), w_gate_grad(), g_w_out_.data(), b_in_grad(), b_out_grad()};
+  experts_backward(shape_, p, offsets, x_compute_.data(), cache_, dy_c.data(), dx_c.data(), g);
+  convert_activations(dx_c.data(), c, dx, x_dtype_, T * d);
+}
+
+}  // namespace pyswitch::moe

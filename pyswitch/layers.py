@@ -1,0 +1,269 @@
+"""The Switch FFN layer and its FLOP-matched dense baseline (SPEC section 2), plus ``matmul``.
+
+Both layers keep float32 master parameters in the C++ core and expose them as live NumPy views
+(``.params``); ``backward`` writes ``.grads`` (live views too, overwritten by the next backward).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .routing import _PRIORITIES, _ROUNDINGS, _as_factor, _as_group_size, _as_str
+from .runtime import _as_int
+
+_ACTIVATIONS = ("relu", "gelu", "geglu")
+_DTYPES = ("float32", "bfloat16")
+
+
+def _as_seed(where: str, seed) -> int:
+    seed = _as_int(where, "seed", seed)
+    if seed < 0 or seed >= 2**64:
+        raise ValueError(f"{where}: seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` on the core's GEMM library (oneDNN) with the whole thread pool.
+
+    Parameters
+    ----------
+    a : ndarray (M, K), float32 or bfloat16
+    b : ndarray (K, N), same dtype as ``a``
+
+    Returns
+    -------
+    ndarray of float32, shape (M, N); bfloat16 operands accumulate in float32.
+    """
+    return _core.matmul(a, b)
+
+
+class SwitchFFN:
+    """A Switch Transformer FFN layer: router, dispatch, expert FFNs, combine.
+
+    ``y[t] = sum over kept j of gate[t, j] * Expert_{e[t, j]}(x[t])`` with
+    ``Expert_e(x) = act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``; ``geglu`` is
+    ``gelu(x @ w_in[e] + b_in[e]) * (x @ w_gate[e])`` and ``gelu`` is the tanh approximation.
+    Dropped tokens get exactly 0 (the residual connection around the layer carries them).
+
+    Parameters
+    ----------
+    d_model, d_ff, num_experts : int
+    k, capacity_factor, eval_capacity_factor, min_capacity, group_size, priority,
+    capacity_rounding, normalize_gates, jitter_eps
+        Routing, as in :class:`pyswitch.Router`.
+    activation : {"relu", "gelu", "geglu"}
+    use_bias : bool
+        Expert biases (off by default, as in T5).
+    expert_dropout : float
+        Dropout rate on the expert hidden activation, training only.
+    dtype : {"float32", "bfloat16"}
+        Compute dtype. In bfloat16 the parameters stay float32 (master copies) and are rounded
+        to bfloat16 for each GEMM; GEMMs accumulate in float32; the router is float32 throughout.
+    aux_loss_coef, z_loss_coef : float
+        Scales of the load-balancing and z losses; ``aux_loss`` / ``z_loss`` report the scaled
+        values, and ``backward`` includes them.
+    init_scale : float
+        Truncated-normal init, ``std = sqrt(init_scale / fan_in)``, cut at 2 std.
+    seed : int
+    comm : None
+        Expert parallelism is not available in this version; must be None.
+
+    Attributes
+    ----------
+    params, grads : dict of float32 ndarray
+        ``router`` (d_model, E), ``w_in`` (E, d_model, d_ff), ``w_out`` (E, d_ff, d_model), and
+        ``w_gate`` (geglu), ``b_in`` (E, d_ff), ``b_out`` (E, d_model) when present. Live.
+    aux_loss, z_loss : float
+        Scaled losses of the last forward (0.0 before any).
+    last_plan : RoutingPlan or None
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        *,
+        k: int = 1,
+        capacity_factor: float | None = 1.25,
+        eval_capacity_factor: float | None = 2.0,
+        min_capacity: int = 4,
+        group_size: int | None = None,
+        priority: str = "position",
+        capacity_rounding: str = "floor",
+        normalize_gates: bool = False,
+        activation: str = "relu",
+        use_bias: bool = False,
+        expert_dropout: float = 0.0,
+        dtype: str = "float32",
+        aux_loss_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        jitter_eps: float = 1e-2,
+        init_scale: float = 0.1,
+        seed: int = 0,
+        comm=None,
+    ):
+        where = "SwitchFFN"
+        if comm is not None:
+            raise NotImplementedError(
+                f"{where}: comm (expert parallelism) is not available in this version; "
+                "pass comm=None"
+            )
+        self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
+        self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
+        self._impl = _core.SwitchFFN(
+            _as_int(where, "d_model", d_model),
+            _as_int(where, "d_ff", d_ff),
+            _as_int(where, "num_experts", num_experts),
+            _as_int(where, "k", k),
+            _as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
+            _as_factor(where, "eval_capacity_factor", eval_capacity_factor, allow_none=True),
+            _as_int(where, "min_capacity", min_capacity),
+            _as_group_size(where, group_size),
+            _as_str(where, "priority", priority, _PRIORITIES),
+            _as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
+            bool(normalize_gates),
+            self.activation,
+            bool(use_bias),
+            _as_factor(where, "expert_dropout", expert_dropout, allow_none=False),
+            self.dtype,
+            _as_factor(where, "aux_loss_coef", aux_loss_coef, allow_none=False),
+            _as_factor(where, "z_loss_coef", z_loss_coef, allow_none=False),
+            _as_factor(where, "jitter_eps", jitter_eps, allow_none=False),
+            _as_factor(where, "init_scale", init_scale, allow_none=False),
+            _as_seed(where, seed),
+        )
+        self.params = dict(self._impl.tensors(False))
+        self.grads = dict(self._impl.tensors(True))
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        """Apply the layer.
+
+        Parameters
+        ----------
+        x : ndarray of float32 or bfloat16, shape (T, d_model)
+        training : bool
+            Jitter, expert dropout and ``capacity_factor`` (else ``eval_capacity_factor``).
+
+        Returns
+        -------
+        y : ndarray, shape (T, d_model), dtype of ``x``
+        """
+        return self._impl.forward(x, bool(training))
+
+    __call__ = forward
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Differentiate ``sum(dy * y) + aux_loss + z_loss`` of the last forward.
+
+        Parameters
+        ----------
+        dy : ndarray, shape (T, d_model), dtype of the forward's ``x``
+
+        Returns
+        -------
+        dx : ndarray, shape (T, d_model), dtype of the forward's ``x``; writes ``grads``.
+
+        Raises
+        ------
+        pyswitch.Error
+            If no forward preceded it.
+        """
+        return self._impl.backward(dy)
+
+    @property
+    def aux_loss(self) -> float:
+        return self._impl.aux_loss
+
+    @property
+    def z_loss(self) -> float:
+        return self._impl.z_loss
+
+    @property
+    def last_plan(self):
+        return self._impl.last_plan
+
+    def stats(self) -> dict:
+        """Routing statistics of the last forward.
+
+        Returns
+        -------
+        dict
+            ``tokens_per_expert`` int64 (E,) before capacity, ``drop_fraction`` (dropped
+            assignments / (T * k)), ``router_entropy`` (mean over tokens of -sum p log p, nats).
+        """
+        s = self._impl.stats()
+        return {
+            "tokens_per_expert": s.tokens_per_expert,
+            "drop_fraction": s.drop_fraction,
+            "router_entropy": s.router_entropy,
+        }
+
+
+class DenseFFN:
+    """The dense FFN with the interface of :class:`SwitchFFN`: every token through one FFN.
+
+    ``y = act(x @ w_in + b_in) @ w_out + b_out``. With ``d_ff`` equal to the Switch layer's, it
+    is the FLOP-matched baseline of a top-1 Switch layer.
+
+    Parameters
+    ----------
+    d_model, d_ff : int
+    activation : {"relu", "gelu", "geglu"}
+    use_bias : bool
+    dropout : float
+        On the hidden activation, training only.
+    dtype : {"float32", "bfloat16"}
+    init_scale : float
+    seed : int
+
+    Attributes
+    ----------
+    params, grads : dict of float32 ndarray
+        ``w_in`` (d_model, d_ff), ``w_out`` (d_ff, d_model), and ``w_gate``, ``b_in`` (d_ff,),
+        ``b_out`` (d_model,) when present. Live.
+    aux_loss, z_loss : float
+        Always 0.0 (no router).
+    """
+
+    aux_loss = 0.0
+    z_loss = 0.0
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: str = "relu",
+        use_bias: bool = False,
+        dropout: float = 0.0,
+        dtype: str = "float32",
+        init_scale: float = 0.1,
+        seed: int = 0,
+    ):
+        where = "DenseFFN"
+        self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
+        self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
+        self._impl = _core.DenseFFN(
+            _as_int(where, "d_model", d_model),
+            _as_int(where, "d_ff", d_ff),
+            self.activation,
+            bool(use_bias),
+            _as_factor(where, "dropout", dropout, allow_none=False),
+            self.dtype,
+            _as_factor(where, "init_scale", init_scale, allow_none=False),
+            _as_seed(where, seed),
+        )
+        self.params = dict(self._impl.tensors(False))
+        self.grads = dict(self._impl.tensors(True))
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        """Apply the layer: x (T, d_model) float32 or bfloat16 -> y of the same shape and dtype."""
+        return self._impl.forward(x, bool(training))
+
+    __call__ = forward
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Differentiate ``sum(dy * y)``; returns dx (dtype of the forward's x), writes grads."""
+        return self._impl.backward(dy)
