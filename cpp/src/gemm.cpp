@@ -56,9 +56,9 @@ void matmul_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
   stream.wait();
 }
 
-void gemm_one_block(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                    float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
-                    float* C, int64_t ldc) {
+void gemm_single_call(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                      float alpha, const void* A, int64_t lda, const void* B, int64_t ldb,
+                      float beta, float* C, int64_t ldc) {
   // oneDNN sizes its parallelism by omp_get_max_threads() of the calling thread; one thread per
   // block keeps its blocking (and so the rounding) independent of the pool size.
   const int saved_threads = omp_get_max_threads();
@@ -91,6 +91,19 @@ void gemm_one_block(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t 
 void gemm(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
           int64_t ldc) {
+  const int64_t element = dtype_size(dtype);
+  parallel_for(ceil_div(M, kRowBlock), [&](int64_t b) {
+    const int64_t m0 = b * kRowBlock;
+    const int64_t rows = std::min(kRowBlock, M - m0);
+    const char* a_block = static_cast<const char*>(A) + (trans_a ? m0 : m0 * lda) * element;
+    gemm_serial(dtype, trans_a, trans_b, rows, N, K, alpha, a_block, lda, B, ldb, beta,
+                C + m0 * ldc, ldc);
+  });
+}
+
+void gemm_serial(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                 float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
+                 float* C, int64_t ldc) {
   PYSWITCH_CHECK_ARG(beta == 0.0f || beta == 1.0f, "gemm: beta must be 0 or 1, got ", beta);
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -99,14 +112,7 @@ void gemm(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
     }
     return;
   }
-  const int64_t element = dtype_size(dtype);
-  parallel_for(ceil_div(M, kRowBlock), [&](int64_t b) {
-    const int64_t m0 = b * kRowBlock;
-    const int64_t rows = std::min(kRowBlock, M - m0);
-    const char* a_block = static_cast<const char*>(A) + (trans_a ? m0 : m0 * lda) * element;
-    gemm_one_block(dtype, trans_a, trans_b, rows, N, K, alpha, a_block, lda, B, ldb, beta,
-                   C + m0 * ldc, ldc);
-  });
+  gemm_single_call(dtype, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void gemm_threaded(DType dtype, int64_t M, int64_t N, int64_t K, const void* A, const void* B,

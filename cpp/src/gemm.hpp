@@ -18,6 +18,12 @@ void gemm(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
           const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
           int64_t ldc);
 
+// The same as one single-threaded oneDNN call, for callers that split the work themselves
+// (the result then depends only on the caller's blocks, never on the thread count).
+void gemm_serial(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                 float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
+                 float* C, int64_t ldc);
+
 // float32 shorthand of gemm().
 inline void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                   const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,

@@ -25,7 +25,9 @@ void parallel_for(int64_t num_blocks, Body&& body) {
   }
   std::exception_ptr error;
   std::mutex error_mutex;
-#pragma omp parallel for schedule(static) num_threads(threads)
+// Dynamic scheduling balances uneven blocks (experts differ in size); which thread runs a
+// block never changes what the block computes.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t b = 0; b < num_blocks; ++b) {
     try {
       body(b);

@@ -13,7 +13,10 @@
 namespace pyswitch::moe {
 namespace {
 
-constexpr int64_t kRowBlock = 128;
+// Rows per unit of work. Each unit is one single-threaded GEMM, and oneDNN packs the weight
+// panel once per call, so larger units amortise packing; 512 rows still leave every expert of
+// a typical layer (E = 64, ~160 tokens each) one unit.
+constexpr int64_t kRowBlock = 512;
 
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
@@ -134,8 +137,8 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
     const void* xb = at(x, dtype, w.first * d);
     float* pre = c.pre.data() + w.first * f;
     float* hidden = c.hidden.data() + w.first * f;
-    detail::gemm(dtype, false, false, w.rows, f, d, 1.0f, xb, d, at(w_in, dtype, w.expert * d * f),
-                 f, 0.0f, pre, f);
+    detail::gemm_serial(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
+                        at(w_in, dtype, w.expert * d * f), f, 0.0f, pre, f);
     if (p.b_in) {
       for (int64_t r = 0; r < w.rows; ++r) {
         for (int64_t j = 0; j < f; ++j) pre[r * f + j] += p.b_in[w.expert * f + j];
@@ -143,8 +146,8 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
     }
     if (geglu) {
       float* linear = c.linear.data() + w.first * f;
-      detail::gemm(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
-                   at(w_gate, dtype, w.expert * d * f), f, 0.0f, linear, f);
+      detail::gemm_serial(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
+                          at(w_gate, dtype, w.expert * d * f), f, 0.0f, linear, f);
       for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]) * linear[i];
     } else if (s.activation == Activation::gelu) {
       for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]);
@@ -168,8 +171,8 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
       out_block.resize(static_cast<size_t>(w.rows * d));
       yb = out_block.data();
     }
-    detail::gemm(dtype, false, false, w.rows, d, f, 1.0f, hidden_operand, f,
-                 at(w_out, dtype, w.expert * f * d), d, 0.0f, yb, d);
+    detail::gemm_serial(dtype, false, false, w.rows, d, f, 1.0f, hidden_operand, f,
+                        at(w_out, dtype, w.expert * f * d), d, 0.0f, yb, d);
     if (p.b_out) {
       for (int64_t r = 0; r < w.rows; ++r) {
         for (int64_t j = 0; j < d; ++j) yb[r * d + j] += p.b_out[w.expert * d + j];
@@ -214,8 +217,8 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
     const Unit& w = units[static_cast<size_t>(u)];
     const int64_t n = w.rows * f;
     float* dp = d_pre.data() + w.first * f;
-    detail::gemm(dtype, false, true, w.rows, f, d, 1.0f, at(dy, dtype, w.first * d), d,
-                 at(w_out, dtype, w.expert * f * d), d, 0.0f, dp, f);  // d_hidden, in place
+    detail::gemm_serial(dtype, false, true, w.rows, f, d, 1.0f, at(dy, dtype, w.first * d), d,
+                        at(w_out, dtype, w.expert * f * d), d, 0.0f, dp, f);  // d_hidden, in place
     if (drop) {
       for (int64_t i = 0; i < n; ++i) dp[i] *= dropout_scale(c.dropout, w.first * f + i);
     }
@@ -242,11 +245,13 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
       }
     }
     std::vector<float> dx_block(static_cast<size_t>(w.rows * d));
-    detail::gemm(dtype, false, true, w.rows, d, f, 1.0f, at(d_pre_operand, dtype, w.first * f), f,
-                 at(w_in, dtype, w.expert * d * f), f, 0.0f, dx_block.data(), d);
+    detail::gemm_serial(dtype, false, true, w.rows, d, f, 1.0f,
+                        at(d_pre_operand, dtype, w.first * f), f, at(w_in, dtype, w.expert * d * f),
+                        f, 0.0f, dx_block.data(), d);
     if (geglu) {
-      detail::gemm(dtype, false, true, w.rows, d, f, 1.0f, at(d_linear_operand, dtype, w.first * f),
-                   f, at(w_gate, dtype, w.expert * d * f), f, 1.0f, dx_block.data(), d);
+      detail::gemm_serial(dtype, false, true, w.rows, d, f, 1.0f,
+                          at(d_linear_operand, dtype, w.first * f), f,
+                          at(w_gate, dtype, w.expert * d * f), f, 1.0f, dx_block.data(), d);
     }
     store_block(dx_block.data(), dtype, at(dx, dtype, w.first * d), w.rows * d);
   });
@@ -259,17 +264,18 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
     const int64_t first = offsets[e], n = offsets[e + 1] - offsets[e];
     if (part < d_blocks) {  // dW_in[e] rows [m0, m0 + mb) = x_e^T d_pre_e (and W_gate's)
       const int64_t m0 = part * kRowBlock, mb = std::min(kRowBlock, d - m0);
-      detail::gemm(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
-                   at(d_pre_operand, dtype, first * f), f, 0.0f, g.w_in + e * d * f + m0 * f, f);
+      detail::gemm_serial(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
+                          at(d_pre_operand, dtype, first * f), f, 0.0f, g.w_in + e * d * f + m0 * f,
+                          f);
       if (geglu) {
-        detail::gemm(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
-                     at(d_linear_operand, dtype, first * f), f, 0.0f, g.w_gate + e * d * f + m0 * f,
-                     f);
+        detail::gemm_serial(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
+                            at(d_linear_operand, dtype, first * f), f, 0.0f,
+                            g.w_gate + e * d * f + m0 * f, f);
       }
     } else {  // dW_out[e] rows [m0, m0 + mb) = hidden_e^T dy_e
       const int64_t m0 = (part - d_blocks) * kRowBlock, mb = std::min(kRowBlock, f - m0);
-      detail::gemm(dtype, true, false, mb, d, n, 1.0f, at(hidden, dtype, first * f + m0), f,
-                   at(dy, dtype, first * d), d, 0.0f, g.w_out + e * f * d + m0 * d, d);
+      detail::gemm_serial(dtype, true, false, mb, d, n, 1.0f, at(hidden, dtype, first * f + m0), f,
+                          at(dy, dtype, first * d), d, 0.0f, g.w_out + e * f * d + m0 * d, d);
     }
   });
 
