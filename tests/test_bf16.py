@@ -7,6 +7,8 @@ flushed), every NaN -> the canonical quiet NaN 0x7fc0 / 0xffc0 with its sign: ex
 ``ml_dtypes`` does.  bfloat16 -> float32 is exact (the bits shifted left by 16).
 """
 
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -307,3 +309,66 @@ def test_bit_identical_across_isas_and_threads():
 def test_wrong_dtype_is_a_type_error(fn, arr):
     with pytest.raises(TypeError):
         getattr(pyswitch, fn)(arr)
+
+
+def test_out_parameter_writes_in_place_and_matches_ml_dtypes():
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, size=(257, 33), dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    out16 = np.full(x.shape, 3.0, BF16)
+    assert pyswitch.to_bfloat16(x, out=out16) is out16
+    expect = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert np.array_equal(out16.view(np.uint16), expect)
+    out32 = np.full(x.shape, 3.0, np.float32)
+    assert pyswitch.to_float32(out16, out=out32) is out32
+    assert np.array_equal(out32.view(np.uint32), out16.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize(
+    "fn,src,out,exc,fragment",
+    [
+        (
+            "to_bfloat16",
+            np.zeros(4, np.float32),
+            np.zeros(4, np.float32),
+            TypeError,
+            "out must be bfloat16",
+        ),
+        ("to_float32", np.zeros(4, BF16), np.zeros(4, BF16), TypeError, "out must be float32"),
+        (
+            "to_bfloat16",
+            np.zeros(4, np.float32),
+            np.zeros(5, BF16),
+            ValueError,
+            "of shape (4,), got (5,)",
+        ),
+        (
+            "to_bfloat16",
+            np.zeros((4, 4), np.float32),
+            np.zeros((4, 8), BF16)[:, ::2],
+            ValueError,
+            "C-contiguous",
+        ),
+        (
+            "to_bfloat16",
+            np.zeros(4, np.float32),
+            [0, 0, 0, 0],
+            TypeError,
+            "out must be a numpy array",
+        ),
+    ],
+)
+def test_out_parameter_errors(fn, src, out, exc, fragment):
+    with pytest.raises(exc, match=re.escape(fragment)):
+        getattr(pyswitch, fn)(src, out=out)
+
+
+def test_out_parameter_rejects_overlap_and_read_only():
+    buf = np.zeros(8, np.float32)
+    overlapping = buf.view(BF16)[:8]  # same memory as buf[:4]
+    with pytest.raises(ValueError, match="overlap"):
+        pyswitch.to_bfloat16(buf, out=overlapping)
+    frozen = np.zeros(8, BF16)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        pyswitch.to_bfloat16(buf, out=frozen)
