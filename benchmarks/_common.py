@@ -17,6 +17,11 @@ from typing import Any, Callable
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
+# Share of the CPUs used by other processes above which timings are flagged as unreliable. Not
+# lower: kernel threads doing work this process caused (page reclaim, memory monitoring) count
+# as "other" and reach ~10% in the allocation-heavy benchmarks on a 2-CPU machine; a concurrent
+# single-threaded job is 1/CPUs.
+BUSY_WARN = 0.2
 
 
 # --------------------------------------------------------------------------------------------
@@ -24,57 +29,137 @@ RESULTS_DIR = BENCH_DIR / "results"
 # --------------------------------------------------------------------------------------------
 
 
-def time_call(
-    fn: Callable[[], Any],
+def _proc_stat_busy_s() -> float | None:
+    """CPU-seconds spent busy by all CPUs since boot (from /proc/stat), None if unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        busy = sum(vals[:8]) - idle  # guest time is already counted in user
+        return busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class OtherLoad:
+    """Context manager measuring how busy *other* processes kept the CPUs meanwhile.
+
+    ``fraction`` (after exit) = (all CPUs' busy time - this process's CPU time) / (CPUs * wall
+    time), clipped to [0, 1]; None where /proc/stat is unavailable. On a small machine a
+    concurrent build or test run makes (multi-threaded) timings meaningless; this flags it.
+    The resolution is the kernel tick (~10 ms), so it is meaningful over blocks of ~0.1 s and up.
+    """
+
+    def __init__(self):
+        self.fraction: float | None = None
+
+    def __enter__(self):
+        self._busy0 = _proc_stat_busy_s()
+        self._own0 = sum(os.times()[:2])
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t0
+        busy1 = _proc_stat_busy_s()
+        own = sum(os.times()[:2]) - self._own0
+        if self._busy0 is None or busy1 is None or wall <= 0:
+            return False
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        others = (busy1 - self._busy0) - own
+        self.fraction = max(0.0, min(1.0, others / (max(ncpu or 1, 1) * wall)))
+        return False
+
+
+def time_many(
+    fns: dict[str, Callable[[], Any]],
     *,
     warmup: int = 2,
     repeat: int = 10,
+    interleave: bool = False,
     min_sample_s: float = 0.005,
     max_number: int = 1000,
-) -> dict:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed samples; report the median.
+) -> dict[str, dict]:
+    """Time several callables; report each one's median over ``repeat`` samples.
 
-    Each sample runs ``fn`` ``number`` times back to back, where ``number`` is chosen once (from
-    the last warmup call) so that a sample lasts at least ``min_sample_s`` (very fast calls are
-    otherwise dominated by timer overhead); the reported times are per call. The garbage collector
-    is disabled while timing (as ``timeit`` does) and re-enabled afterwards. Whatever ``fn``
-    allocates is part of the measured time.
+    Each callable gets ``warmup`` untimed calls right before its ``repeat`` timed samples (so
+    caches, page mappings and thread pools are in its steady state, not left over from another
+    implementation). With ``interleave=True`` the samples are instead taken round-robin
+    (a, b, c, a, b, c, ...) after all warmups, which spreads slow drifts in machine load over
+    all of them, but lets one library's idle threads and freed memory disturb the next call.
+    Each sample runs the callable ``number`` times back to back, with ``number`` chosen once
+    (from the last warmup call) so that a sample lasts at least ``min_sample_s`` (very fast calls
+    are otherwise dominated by timer overhead); the reported times are per call. The garbage
+    collector is disabled while timing (as ``timeit`` does). Whatever a callable allocates is
+    part of its time.
 
-    Returns ``{"median_s", "min_s", "max_s", "mean_s", "samples_s", "number", "repeat", "warmup"}``.
+    Returns, per name: ``{"median_s", "min_s", "max_s", "mean_s", "samples_s", "number",
+    "repeat", "warmup", "other_load"}``; ``other_load`` is the fraction of the CPUs that other
+    processes used while that callable was timed (see ``OtherLoad``; with ``interleave`` it is
+    the whole block's).
     """
     if repeat < 1:
         raise ValueError("repeat must be >= 1")
-    last = None
-    for _ in range(max(warmup, 1)):
+
+    def warm(fn):
+        last = None
+        for _ in range(max(warmup, 1)):
+            t0 = time.perf_counter()
+            fn()
+            last = time.perf_counter() - t0
+        if last is not None and last < min_sample_s:
+            return int(min(max_number, max(1, min_sample_s / max(last, 1e-9))))
+        return 1
+
+    def sample(fn, number):
         t0 = time.perf_counter()
-        fn()
-        last = time.perf_counter() - t0
-    number = 1
-    if last is not None and last < min_sample_s:
-        number = int(min(max_number, max(1, min_sample_s / max(last, 1e-9))))
-    samples = []
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - t0) / number
+
+    numbers: dict[str, int] = {}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    loads: dict[str, float | None] = {}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples.append((time.perf_counter() - t0) / number)
+        if interleave:
+            for name, fn in fns.items():
+                numbers[name] = warm(fn)
+            with OtherLoad() as load:
+                for _ in range(repeat):
+                    for name, fn in fns.items():
+                        samples[name].append(sample(fn, numbers[name]))
+            loads = dict.fromkeys(fns, load.fraction)
+        else:
+            for name, fn in fns.items():
+                numbers[name] = warm(fn)
+                with OtherLoad() as load:
+                    samples[name] = [sample(fn, numbers[name]) for _ in range(repeat)]
+                loads[name] = load.fraction
     finally:
         if gc_was_enabled:
             gc.enable()
     return {
-        "median_s": statistics.median(samples),
-        "min_s": min(samples),
-        "max_s": max(samples),
-        "mean_s": statistics.fmean(samples),
-        "samples_s": samples,
-        "number": number,
-        "repeat": repeat,
-        "warmup": warmup,
+        name: {
+            "median_s": statistics.median(ss),
+            "min_s": min(ss),
+            "max_s": max(ss),
+            "mean_s": statistics.fmean(ss),
+            "samples_s": ss,
+            "number": numbers[name],
+            "repeat": repeat,
+            "warmup": warmup,
+            "other_load": loads[name],
+        }
+        for name, ss in samples.items()
     }
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 10, **kw) -> dict:
+    """Time one callable (see ``time_many``): warmups, then repeats; median etc."""
+    return time_many({"fn": fn}, warmup=warmup, repeat=repeat, **kw)["fn"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +283,7 @@ def format_machine(info: dict) -> str:
         f"  ml_dtypes {info.get('ml_dtypes')}  torch {info.get('torch') or 'not installed'}",
     ]
     busy = info.get("cpu_busy_before_run")
-    if busy is not None and busy > 0.15:
+    if busy is not None and busy > BUSY_WARN:
         lines.append(
             f"WARNING  : {busy:.0%} of the CPUs were busy with other processes before this run; "
             "timings (multi-threaded ones above all) will be unreliable"

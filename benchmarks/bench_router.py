@@ -19,6 +19,7 @@ GOAL_ROUTER_VS_TORCH = 3.0
 GOAL_CONVERT_VS_MLDTYPES = 5.0
 GATE_ATOL = 1e-5
 LOSS_RTOL = 1e-4
+BUSY_WARN = common.BUSY_WARN
 
 BASELINES = {
     "numpy": "vectorised NumPy router written in this file (softmax; top-k by repeated argmax "
@@ -336,6 +337,7 @@ class Report:
         "vs numpy",
         "vs torch",
         "goal",
+        "busy",
     ]
 
     def __init__(self):
@@ -347,6 +349,13 @@ class Report:
 
     def problem(self, text):
         self.problems.append(text)
+
+
+def busy_text(busy):
+    """The 'busy' column: CPU share other processes used while a row was timed."""
+    if busy is None:
+        return "?"
+    return f"{busy:.0%}" + (" !" if busy > BUSY_WARN else "")
 
 
 def goal_text(ratio, goal, what):
@@ -393,13 +402,13 @@ def bench_route(report, ps, torch, T, warmup, repeat):
                 ("NO" if agree[b] else "yes") if b in agree else "-" for b in ("numpy", "torch")
             )
 
-            tput, timings = {}, {}
-            for name, fn in case_impls.items():
-                tm = common.time_call(
-                    lambda fn=fn, x=logits, k=k: fn(x, k), warmup=warmup, repeat=repeat
-                )
-                timings[name] = tm
-                tput[name] = T / tm["median_s"]
+            timings = common.time_many(
+                {name: (lambda fn=fn, x=logits, k=k: fn(x, k)) for name, fn in case_impls.items()},
+                warmup=warmup,
+                repeat=repeat,
+            )
+            tput = {name: T / tm["median_s"] for name, tm in timings.items()}
+            busy = max((tm["other_load"] or 0.0 for tm in timings.values()), default=None)
             vs_np = tput["pyswitch"] / tput["numpy"] if "pyswitch" in tput else None
             vs_t = tput["pyswitch"] / tput["torch"] if {"pyswitch", "torch"} <= set(tput) else None
             report.add_row(
@@ -409,6 +418,7 @@ def bench_route(report, ps, torch, T, warmup, repeat):
                     fmt_ratio(vs_np),
                     fmt_ratio(vs_t),
                     goal_text(vs_t, GOAL_ROUTER_VS_TORCH, "torch"),
+                    busy_text(busy),
                 ]
             )
             ref = plans[ref_name]
@@ -429,6 +439,7 @@ def bench_route(report, ps, torch, T, warmup, repeat):
                     "agree": {b: (not d) for b, d in agree.items()},
                     "differences": {b: d for b, d in agree.items() if d},
                     "tokens_per_s": tput,
+                    "other_load": busy,
                     "timing": timings,
                     "ratio_vs_numpy": vs_np,
                     "ratio_vs_torch": vs_t,
@@ -498,15 +509,12 @@ def bench_convert(report, ps, torch, n, warmup, repeat):
         # context: the cost of the output allocation + first touch alone (page faults), which
         # every implementation pays since the timings include output allocation
         out_dtype = np.uint16 if d["nbytes_out"] == 2 else np.float32
-        floor = common.time_call(
-            lambda dt=out_dtype: np.empty(n, dtype=dt).fill(0), warmup=warmup, repeat=repeat
-        )
-        gbps, timings = {}, {}
-        for name in ("pyswitch", "numpy", "torch"):
-            if name in d:
-                tm = common.time_call(d[name], warmup=warmup, repeat=repeat)
-                timings[name] = tm
-                gbps[name] = nbytes / tm["median_s"] / 1e9
+        fns = {name: d[name] for name in ("pyswitch", "numpy", "torch") if name in d}
+        fns["floor"] = lambda dt=out_dtype: np.empty(n, dtype=dt).fill(0)
+        timings = common.time_many(fns, warmup=warmup, repeat=repeat)
+        floor = timings.pop("floor")
+        gbps = {name: nbytes / tm["median_s"] / 1e9 for name, tm in timings.items()}
+        busy = max(tm["other_load"] or 0.0 for tm in [floor, *timings.values()])
         vs_np = gbps["pyswitch"] / gbps["numpy"] if "pyswitch" in gbps else None
         vs_t = gbps["pyswitch"] / gbps["torch"] if {"pyswitch", "torch"} <= set(gbps) else None
         report.add_row(
@@ -516,6 +524,7 @@ def bench_convert(report, ps, torch, n, warmup, repeat):
                 fmt_ratio(vs_np),
                 fmt_ratio(vs_t),
                 goal_text(vs_np, GOAL_CONVERT_VS_MLDTYPES, "ml_dtypes"),
+                busy_text(busy),
             ]
         )
         report.results.append(
@@ -527,6 +536,7 @@ def bench_convert(report, ps, torch, n, warmup, repeat):
                 "bytes_moved": nbytes,
                 "agree": agree,
                 "gb_per_s": gbps,
+                "other_load": busy,
                 "timing": timings,
                 "ratio_vs_numpy": vs_np,
                 "ratio_vs_torch": vs_t,
@@ -585,12 +595,18 @@ def main(argv=None) -> int:
         )
     else:
         print("agree: torch vs numpy (pyswitch not importable)")
-    common.print_table(Report.HEADERS, report.rows, align="lllrrrrrl")
+    print(
+        "busy: share of the CPUs that other processes used while the row was timed "
+        f"('!' above {BUSY_WARN:.0%}: that row's numbers are not trustworthy)"
+    )
+    common.print_table(Report.HEADERS, report.rows, align="lllrrrrrlr")
     busy = info.get("cpu_busy_before_run")
-    if busy is not None and busy > 0.15:
+    if busy is not None and busy > BUSY_WARN:
+        print(f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy when this run started")
+    if any(r[-1].endswith("!") for r in report.rows):
         print(
-            f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy when this run started; "
-            "the numbers above are not trustworthy"
+            "\nWARNING: rows marked '!' were timed while other processes were using the CPUs; "
+            "rerun on a quiet machine"
         )
     if report.notes:
         print("\nnotes:")
