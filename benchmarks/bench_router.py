@@ -449,33 +449,61 @@ def bench_route(report, ps, torch, T, warmup, repeat):
             )
 
 
-def bench_convert(report, ps, torch, n, warmup, repeat):
+def bench_convert(report, ps, torch, n, warmup, repeat, into_existing=False):
+    """Conversion throughput. Allocating: each call returns a new array (a.astype vs
+    pyswitch.to_bfloat16(a)), so page faults of the fresh output are part of every number.
+    Into existing (into_existing=True): every implementation writes into a preallocated output
+    (np.copyto with the ml_dtypes cast, torch's Tensor.copy_, pyswitch's out=)."""
     import ml_dtypes
 
+    mode = "into existing output" if into_existing else "allocating the output"
     print(
-        f"\nbf16 conversion: {n // 2**20} Mi elements; GB/s = (bytes read + written) / time, "
-        f"median of {repeat}",
+        f"\nbf16 conversion: {n // 2**20} Mi elements, {mode}; GB/s = (bytes read + written) / "
+        f"time, median of {repeat}",
         flush=True,
     )
     a32 = make_f32(n)
     a16 = a32.astype(ml_dtypes.bfloat16)
-    conv = {
-        "to_bfloat16": {"numpy": lambda: a32.astype(ml_dtypes.bfloat16), "nbytes_out": 2},
-        "to_float32": {"numpy": lambda: a16.astype(np.float32), "nbytes_out": 4},
-    }
+    if into_existing:
+        o16 = np.empty(n, ml_dtypes.bfloat16)
+        o32 = np.empty(n, np.float32)
+        o16.fill(0)
+        o32.fill(0)
+        conv = {
+            "to_bfloat16": {
+                "numpy": lambda: (np.copyto(o16, a32, casting="unsafe"), o16)[1],
+                "nbytes_out": 2,
+            },
+            "to_float32": {"numpy": lambda: (np.copyto(o32, a16), o32)[1], "nbytes_out": 4},
+        }
+    else:
+        conv = {
+            "to_bfloat16": {"numpy": lambda: a32.astype(ml_dtypes.bfloat16), "nbytes_out": 2},
+            "to_float32": {"numpy": lambda: a16.astype(np.float32), "nbytes_out": 4},
+        }
     if torch is not None:
         t32 = torch.from_numpy(a32)
         t16 = torch.from_numpy(a16.view(np.int16)).view(torch.bfloat16)
-        conv["to_bfloat16"]["torch"] = lambda: (
-            t32.to(torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        )
-        conv["to_float32"]["torch"] = lambda: t16.to(torch.float32).numpy()
+        if into_existing:
+            u16 = torch.from_numpy(o16.view(np.int16)).view(torch.bfloat16)
+            u32 = torch.from_numpy(o32)
+            conv["to_bfloat16"]["torch"] = lambda: (u16.copy_(t32), o16)[1]
+            conv["to_float32"]["torch"] = lambda: (u32.copy_(t16), o32)[1]
+        else:
+            conv["to_bfloat16"]["torch"] = lambda: (
+                t32.to(torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            )
+            conv["to_float32"]["torch"] = lambda: t16.to(torch.float32).numpy()
     if ps is not None:
-        conv["to_bfloat16"]["pyswitch"] = lambda: ps.to_bfloat16(a32)
-        conv["to_float32"]["pyswitch"] = lambda: ps.to_float32(a16)
+        if into_existing:
+            conv["to_bfloat16"]["pyswitch"] = lambda: ps.to_bfloat16(a32, out=o16)
+            conv["to_float32"]["pyswitch"] = lambda: ps.to_float32(a16, out=o32)
+        else:
+            conv["to_bfloat16"]["pyswitch"] = lambda: ps.to_bfloat16(a32)
+            conv["to_float32"]["pyswitch"] = lambda: ps.to_float32(a16)
 
     for op, d in conv.items():
-        case = f"{op} {n // 2**20}Mi"
+        case = f"{op} {n // 2**20}Mi" + (" out=" if into_existing else "")
         nbytes = n * (2 + 4)
         ref_out = d["numpy"]()
         agree = {}
@@ -578,9 +606,16 @@ def main(argv=None) -> int:
     # the conversion input holds NaN/Inf/overflowing values on purpose: no cast warnings
     with np.errstate(invalid="ignore", over="ignore"):
         if args.quick:
-            bench_convert(report, ps, torch, n=8 * 2**20, warmup=1, repeat=3)
+            for into in (False, True):
+                bench_convert(
+                    report, ps, torch, n=8 * 2**20, warmup=1, repeat=3, into_existing=into
+                )
         else:
-            bench_convert(report, ps, torch, n=64 * 2**20, warmup=2, repeat=7)
+            for n_conv in (2**20, 64 * 2**20):
+                for into in (False, True):
+                    bench_convert(
+                        report, ps, torch, n=n_conv, warmup=2, repeat=7, into_existing=into
+                    )
 
     print()
     print(
