@@ -21,16 +21,14 @@ struct RowIo {
     if (dtype == DType::float32) {
       std::memcpy(out, static_cast<const float*>(base) + row * d, static_cast<size_t>(d) * 4);
     } else {
-      const bf16* src = static_cast<const bf16*>(base) + row * d;
-      for (int64_t c = 0; c < d; ++c) out[c] = bf16_to_float(src[c]);
+      convert_bf16_to_f32(static_cast<const bf16*>(base) + row * d, out, d);
     }
   }
   void store(void* base, int64_t row, const float* in) const {
     if (dtype == DType::float32) {
       std::memcpy(static_cast<float*>(base) + row * d, in, static_cast<size_t>(d) * 4);
     } else {
-      bf16* dst = static_cast<bf16*>(base) + row * d;
-      for (int64_t c = 0; c < d; ++c) dst[c] = float_to_bf16(in[c]);
+      convert_f32_to_bf16(in, static_cast<bf16*>(base) + row * d, d);
     }
   }
 };

@@ -82,14 +82,14 @@ void store_block(const float* block, DType dtype, void* out, int64_t n) {
     if (static_cast<const void*>(block) != out) std::copy_n(block, n, static_cast<float*>(out));
   } else {
     bf16* dst = static_cast<bf16*>(out);
-    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(block[i]);
+    convert_f32_to_bf16(block, dst, n);
   }
 }
 
-std::vector<bf16> to_bf16(const float* src, int64_t n) {
-  std::vector<bf16> out(static_cast<size_t>(n));
+// Rounds n weights into `out`, reusing its storage from the previous step (no page faults).
+void round_weights(const float* src, int64_t n, std::vector<bf16>& out) {
+  out.resize(static_cast<size_t>(n));
   convert_f32_to_bf16(src, out.data(), n);
-  return out;
 }
 
 }  // namespace
@@ -123,9 +123,9 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
   const void* w_gate = p.w_gate;
   const void* w_out = p.w_out;
   if (bf16_compute) {
-    c.w_in = to_bf16(p.w_in, E * d * f);
-    c.w_out = to_bf16(p.w_out, E * f * d);
-    c.w_gate = geglu ? to_bf16(p.w_gate, E * d * f) : std::vector<bf16>{};
+    round_weights(p.w_in, E * d * f, c.w_in);
+    round_weights(p.w_out, E * f * d, c.w_out);
+    if (geglu) round_weights(p.w_gate, E * d * f, c.w_gate);
     w_in = c.w_in.data();
     w_out = c.w_out.data();
     w_gate = geglu ? c.w_gate.data() : nullptr;
@@ -164,7 +164,7 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
         const void* hidden_operand = hidden;
         if (bf16_compute) {
           bf16* rounded = c.hidden_bf16.data() + w.first * f;
-          for (int64_t i = 0; i < w.rows * f; ++i) rounded[i] = float_to_bf16(hidden[i]);
+          convert_f32_to_bf16(hidden, rounded, w.rows * f);
           hidden_operand = rounded;
         }
         std::vector<float> out_block;
@@ -186,7 +186,7 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
 }
 
 void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
-                      const void* x, const ExpertCache& c, const void* dy, void* dx,
+                      const void* x, ExpertCache& c, const void* dy, void* dx,
                       const ExpertGrads& g) {
   validate("experts_backward", s, p, offsets);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
@@ -204,10 +204,14 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
                                     : static_cast<const void*>(c.hidden.data());
   const bool drop = c.dropout.rate > 0.0;
   // float32 d_pre (for the biases and the activation), plus the GEMM operand copies in bf16.
-  std::vector<float> d_pre(static_cast<size_t>(rows * f));
-  std::vector<float> d_linear(geglu ? static_cast<size_t>(rows * f) : 0);
-  std::vector<bf16> d_pre_bf16(bf16_compute ? static_cast<size_t>(rows * f) : 0);
-  std::vector<bf16> d_linear_bf16(bf16_compute && geglu ? static_cast<size_t>(rows * f) : 0);
+  std::vector<float>& d_pre = c.d_pre;
+  std::vector<float>& d_linear = c.d_linear;
+  std::vector<bf16>& d_pre_bf16 = c.d_pre_bf16;
+  std::vector<bf16>& d_linear_bf16 = c.d_linear_bf16;
+  d_pre.resize(static_cast<size_t>(rows * f));
+  d_linear.resize(geglu ? static_cast<size_t>(rows * f) : 0);
+  d_pre_bf16.resize(bf16_compute ? static_cast<size_t>(rows * f) : 0);
+  d_linear_bf16.resize(bf16_compute && geglu ? static_cast<size_t>(rows * f) : 0);
   const void* d_pre_operand = bf16_compute ? static_cast<const void*>(d_pre_bf16.data())
                                            : static_cast<const void*>(d_pre.data());
   const void* d_linear_operand = bf16_compute ? static_cast<const void*>(d_linear_bf16.data())
@@ -243,11 +247,11 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
         }
         if (bf16_compute) {
           bf16* rounded = d_pre_bf16.data() + w.first * f;
-          for (int64_t i = 0; i < n; ++i) rounded[i] = float_to_bf16(dp[i]);
+          convert_f32_to_bf16(dp, rounded, n);
           if (geglu) {
             bf16* rounded_linear = d_linear_bf16.data() + w.first * f;
             const float* dl = d_linear.data() + w.first * f;
-            for (int64_t i = 0; i < n; ++i) rounded_linear[i] = float_to_bf16(dl[i]);
+            convert_f32_to_bf16(dl, rounded_linear, n);
           }
         }
         std::vector<float> dx_block(static_cast<size_t>(w.rows * d));

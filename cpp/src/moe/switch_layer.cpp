@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "parallel.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/random.hpp"
@@ -35,13 +36,21 @@ void check_dropout(const char* where, const char* name, double rate) {
                      " must be in [0, 1), got ", rate);
 }
 
-// Sum of two (n,) activations of `dtype`, accumulated in float32, written into `out`.
-void add_into(const void* a, const void* b, DType dtype, int64_t n, void* out) {
-  std::vector<float> fa(static_cast<size_t>(n)), fb(static_cast<size_t>(n));
-  convert_activations(a, dtype, fa.data(), DType::float32, n);
-  convert_activations(b, dtype, fb.data(), DType::float32, n);
-  for (int64_t i = 0; i < n; ++i) fa[static_cast<size_t>(i)] += fb[static_cast<size_t>(i)];
-  convert_activations(fa.data(), DType::float32, out, dtype, n);
+// out (n,) of b_dtype = a (of a_dtype) + b, summed in float32 in blocks (no full-size temporaries).
+void add_activations(const void* a, DType a_dtype, const void* b, DType b_dtype, int64_t n,
+                     void* out) {
+  constexpr int64_t kBlock = 4096;
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t blk) {
+    const int64_t first = blk * kBlock, count = std::min(kBlock, n - first);
+    float fa[kBlock], fb[kBlock];
+    convert_activations(static_cast<const char*>(a) + first * dtype_size(a_dtype), a_dtype, fa,
+                        DType::float32, count);
+    convert_activations(static_cast<const char*>(b) + first * dtype_size(b_dtype), b_dtype, fb,
+                        DType::float32, count);
+    for (int64_t i = 0; i < count; ++i) fa[i] += fb[i];
+    convert_activations(fa, DType::float32, static_cast<char*>(out) + first * dtype_size(b_dtype),
+                        b_dtype, count);
+  });
 }
 
 }  // namespace
@@ -162,26 +171,20 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     convert_activations(dy, x_dtype_, converted.data(), c, T * d);
     dy_c = converted.data();
   }
-  std::vector<char> d_expert_out(expert_out_.size());
-  std::vector<float> d_gate(static_cast<size_t>(T * k));
-  combine_backward(dy_c, expert_out_.data(), c, d, layout_, plan.gate.data(), d_expert_out.data(),
-                   d_gate.data());
-  std::vector<char> d_buffer(buffer_.size());
+  d_expert_out_.resize(expert_out_.size());
+  d_gate_.resize(static_cast<size_t>(T * k));
+  combine_backward(dy_c, expert_out_.data(), c, d, layout_, plan.gate.data(), d_expert_out_.data(),
+                   d_gate_.data());
+  d_buffer_.resize(buffer_.size());
   experts_backward(shape_, expert_params(), layout_.expert_offset.data(), buffer_.data(), cache_,
-                   d_expert_out.data(), d_buffer.data(), expert_grads());
-  std::vector<char> dx_experts(static_cast<size_t>(T * d * dtype_size(c)));
-  dispatch_backward(d_buffer.data(), c, d, layout_, dx_experts.data());
+                   d_expert_out_.data(), d_buffer_.data(), expert_grads());
+  dx_experts_.resize(static_cast<size_t>(T * d * dtype_size(c)));
+  dispatch_backward(d_buffer_.data(), c, d, layout_, dx_experts_.data());
 
   // The router's path: d(gate) plus the scaled losses, back to x through the logits.
-  std::vector<char> dx_router(static_cast<size_t>(T * d * dtype_size(x_dtype_)));
-  router_.backward(d_gate.data(), options_.aux_loss_coef, options_.z_loss_coef, dx_router.data());
-  if (x_dtype_ != c) {
-    std::vector<char> dx_experts_x(dx_router.size());
-    convert_activations(dx_experts.data(), c, dx_experts_x.data(), x_dtype_, T * d);
-    add_into(dx_experts_x.data(), dx_router.data(), x_dtype_, T * d, dx);
-  } else {
-    add_into(dx_experts.data(), dx_router.data(), x_dtype_, T * d, dx);
-  }
+  dx_router_.resize(static_cast<size_t>(T * d * dtype_size(x_dtype_)));
+  router_.backward(d_gate_.data(), options_.aux_loss_coef, options_.z_loss_coef, dx_router_.data());
+  add_activations(dx_experts_.data(), c, dx_router_.data(), x_dtype_, T * d, dx);
 }
 
 SwitchStats SwitchFFN::stats() const {
@@ -240,9 +243,9 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
     dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
   }
   ExpertParams p{w_in_.data(), w_gate(), w_out_.data(), b_in(), b_out()};
-  std::vector<char> y_c(x_compute_.size());
-  experts_forward(shape_, p, offsets, c, x_compute_.data(), y_c.data(), &cache_, dropout);
-  convert_activations(y_c.data(), c, y, x_dtype, T * d);
+  y_compute_.resize(x_compute_.size());
+  experts_forward(shape_, p, offsets, c, x_compute_.data(), y_compute_.data(), &cache_, dropout);
+  convert_activations(y_compute_.data(), c, y, x_dtype, T * d);
   x_dtype_ = x_dtype;
   tokens_ = T;
   has_forward_ = true;
@@ -254,13 +257,15 @@ void DenseFFN::backward(const void* dy, void* dx) {
                        "first");
   const int64_t T = tokens_, d = shape_.d_model;
   const DType c = options_.dtype;
-  std::vector<char> dy_c(x_compute_.size()), dx_c(x_compute_.size());
-  convert_activations(dy, x_dtype_, dy_c.data(), c, T * d);
+  dy_compute_.resize(x_compute_.size());
+  dx_compute_.resize(x_compute_.size());
+  convert_activations(dy, x_dtype_, dy_compute_.data(), c, T * d);
   const int64_t offsets[2] = {0, T};
   ExpertParams p{w_in_.data(), w_gate(), w_out_.data(), b_in(), b_out()};
   ExpertGrads g{g_w_in_.data(), w_gate_grad(), g_w_out_.data(), b_in_grad(), b_out_grad()};
-  experts_backward(shape_, p, offsets, x_compute_.data(), cache_, dy_c.data(), dx_c.data(), g);
-  convert_activations(dx_c.data(), c, dx, x_dtype_, T * d);
+  experts_backward(shape_, p, offsets, x_compute_.data(), cache_, dy_compute_.data(),
+                   dx_compute_.data(), g);
+  convert_activations(dx_compute_.data(), c, dx, x_dtype_, T * d);
 }
 
 }  // namespace pyswitch::moe

@@ -66,6 +66,9 @@ struct ExpertCache {
   std::vector<float> hidden;              ///< (rows, d_ff) after activation and dropout
   std::vector<bf16> hidden_bf16;          ///< the same rounded to bf16 (bf16 compute only)
   std::vector<bf16> w_in, w_gate, w_out;  ///< bf16 copies of the weights (bf16 compute only)
+  /// Backward workspace, kept between steps so that its pages are touched once, not per step.
+  std::vector<float> d_pre, d_linear;
+  std::vector<bf16> d_pre_bf16, d_linear_bf16;
 };
 
 /// x (rows, d_model) -> y (rows, d_model), both of `dtype`, rows = offsets[E]. offsets: (E + 1,)
@@ -76,9 +79,9 @@ void experts_forward(const ExpertShape& shape, const ExpertParams& params, const
                      const DropoutSpec& dropout = {});
 
 /// dy (rows, d_model) -> dx (rows, d_model) (both of the forward's dtype) and the float32
-/// parameter gradients, given the forward's x and cache.
+/// parameter gradients, given the forward's x and cache (whose workspace it reuses).
 void experts_backward(const ExpertShape& shape, const ExpertParams& params, const int64_t* offsets,
-                      const void* x, const ExpertCache& cache, const void* dy, void* dx,
+                      const void* x, ExpertCache& cache, const void* dy, void* dx,
                       const ExpertGrads& grads);
 
 }  // namespace pyswitch::moe

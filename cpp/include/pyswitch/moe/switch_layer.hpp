@@ -92,6 +92,9 @@ class SwitchFFN {
   DispatchLayout layout_;
   std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype
   ExpertCache cache_;
+  // Backward workspaces, kept between steps (their pages are touched once).
+  std::vector<char> d_expert_out_, d_buffer_, dx_experts_, dx_router_;
+  std::vector<float> d_gate_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
   uint64_t training_steps_ = 0;
@@ -138,7 +141,7 @@ class DenseFFN {
   DenseFFNOptions options_;
   std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
   std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
-  std::vector<char> x_compute_;
+  std::vector<char> x_compute_, y_compute_, dy_compute_, dx_compute_;  // reused between steps
   ExpertCache cache_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
