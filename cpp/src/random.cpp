@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/kernels.hpp"
 #include "parallel.hpp"
 
 namespace pyswitch {
@@ -64,14 +65,17 @@ void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t
 
 void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream) {
   const float width = hi - lo;
+  const cpu::KernelTable& kernels = cpu::active_kernels();
   detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
-    const int64_t end = std::min(n, (b + 1) * kBlock);
-    for (int64_t i = b * kBlock; i < end; i += 4) {
-      uint32_t w[4];
-      philox4x32(seed, stream, static_cast<uint64_t>(i) / 4, w);
-      for (int64_t j = 0; j < 4 && i + j < end; ++j) {
-        out[i + j] = lo + width * uniform_from_bits(w[j]);
-      }
+    const int64_t first = b * kBlock, count = std::min(kBlock, n - first);
+    const int64_t whole = count / 4;  // kBlock is a multiple of 4: counters never straddle blocks
+    kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first) / 4, whole, lo, width,
+                           out + first);
+    if (count % 4) {
+      float tail[4];
+      kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first) / 4 + whole, 1, lo, width,
+                             tail);
+      std::copy_n(tail, count % 4, out + first + 4 * whole);
     }
   });
 }

@@ -7,10 +7,12 @@
 #include <random>
 #include <vector>
 
+#include "cpu/kernels.hpp"
 #include "harness.hpp"
 #include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/moe/router.hpp"
+#include "pyswitch/random.hpp"
 #include "pyswitch/threading.hpp"
 
 using namespace pyswitch;
@@ -165,4 +167,21 @@ TEST(router_backward_matches_finite_differences) {
     ++checked;
   }
   CHECK(checked > d * E / 2);
+}
+
+TEST(router_jitter_kernels_bit_identical_across_isas) {
+  // The Philox uniform kernel of every ISA against the scalar one and the plain generator.
+  const int64_t counters = 1000 + 13;  // not a multiple of any vector width
+  std::vector<float> expect(4 * counters);
+  for (int64_t c = 0; c < counters; ++c) {
+    uint32_t words[4];
+    philox4x32(42, 7, (uint64_t{1} << 32) - 500 + c, words);  // crosses a 32-bit carry
+    for (int j = 0; j < 4; ++j) expect[4 * c + j] = 0.99f + 0.02f * uniform_from_bits(words[j]);
+  }
+  for (CpuIsa isa : supported_cpu_isas()) {
+    std::vector<float> got(4 * counters);
+    cpu::kernels_for(isa).philox_uniform(42, 7, (uint64_t{1} << 32) - 500, counters, 0.99f, 0.02f,
+                                         got.data());
+    CHECK(std::memcmp(got.data(), expect.data(), got.size() * 4) == 0);
+  }
 }

@@ -29,6 +29,11 @@ struct KernelTable {
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   // Stops at the first non-finite row, leaving later rows unwritten.
   void (*route_rows)(RouteRowsArgs& args);
+  // out[4 * c + j] = lo + width * u_j(first + c) for c in [0, counters), j in [0, 4), where
+  // u_j(i) is word j of Philox-4x32-10 at (seed, stream, i) turned into [0, 1) as
+  // uniform_from_bits does. Bit-identical on every ISA.
+  void (*philox_uniform)(uint64_t seed, uint64_t stream, uint64_t first, int64_t counters, float lo,
+                         float width, float* out);
   // probs (rows, E) = softmax with the numerics of route_rows; scratch: E + 32 floats.
   void (*softmax_rows)(const float* logits, int64_t rows, int64_t num_experts, float* probs,
                        float* scratch);

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels.hpp"
 #include "pyswitch/bf16.hpp"
+#include "pyswitch/random.hpp"
 
 namespace pyswitch::cpu::scalar {
 namespace {
@@ -122,9 +123,18 @@ void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bf16{src[i]});
 }
 
+void philox_uniform(uint64_t seed, uint64_t stream, uint64_t first, int64_t counters, float lo,
+                    float width, float* out) {
+  for (int64_t c = 0; c < counters; ++c) {
+    uint32_t words[4];
+    philox4x32(seed, stream, first + static_cast<uint64_t>(c), words);
+    for (int j = 0; j < 4; ++j) out[4 * c + j] = lo + width * uniform_from_bits(words[j]);
+  }
+}
+
 }  // namespace
 
-const KernelTable table = {CpuIsa::scalar, f32_to_bf16, bf16_to_f32, route_rows_impl,
-                           softmax_rows_impl};
+const KernelTable table = {CpuIsa::scalar,  f32_to_bf16,    bf16_to_f32,
+                           route_rows_impl, philox_uniform, softmax_rows_impl};
 
 }  // namespace pyswitch::cpu::scalar

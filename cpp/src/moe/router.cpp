@@ -351,20 +351,28 @@ const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool t
   const int64_t n = T * d_model_;
   has_forward_ = false;
   x_used_.resize(static_cast<size_t>(n));
-  if (dtype == DType::float32) {
-    std::copy_n(static_cast<const float*>(x), n, x_used_.data());
-  } else {
-    convert_bf16_to_f32(static_cast<const bf16*>(x), x_used_.data(), n);
-  }
-  jitter_.clear();
-  if (training && options_.jitter_eps > 0) {
+  jitter_active_ = training && options_.jitter_eps > 0;
+  if (jitter_active_) {
     jitter_.resize(static_cast<size_t>(n));
     const float eps = static_cast<float>(options_.jitter_eps);
     uniform(jitter_.data(), n, 1.0f - eps, 1.0f + eps, options_.seed,
             kStreamJitter + training_steps_++);
-    for (int64_t i = 0; i < n; ++i)
-      x_used_[static_cast<size_t>(i)] *= jitter_[static_cast<size_t>(i)];
   }
+  // The float32 router input (selective precision), times the jitter, in one parallel pass.
+  constexpr int64_t kBlock = 1 << 14;
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
+    const int64_t first = b * kBlock, count = std::min(kBlock, n - first);
+    float* out = x_used_.data() + first;
+    if (dtype == DType::float32) {
+      std::copy_n(static_cast<const float*>(x) + first, count, out);
+    } else {
+      convert_bf16_to_f32(static_cast<const bf16*>(x) + first, out, count);
+    }
+    if (jitter_active_) {
+      const float* noise = jitter_.data() + first;
+      for (int64_t i = 0; i < count; ++i) out[i] *= noise[i];
+    }
+  });
   logits_.resize(static_cast<size_t>(T * num_experts_));
   detail::sgemm(false, false, T, num_experts_, d_model_, 1.0f, x_used_.data(), d_model_,
                 weight_.data(), num_experts_, 0.0f, logits_.data(), num_experts_);
@@ -392,8 +400,13 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
     dx_out = dx_f32.data();
   }
   detail::sgemm(false, true, T, d, E, 1.0f, d_logits.data(), E, weight_.data(), E, 0.0f, dx_out, d);
-  if (!jitter_.empty()) {
-    for (int64_t i = 0; i < T * d; ++i) dx_out[i] *= jitter_[static_cast<size_t>(i)];
+  if (jitter_active_) {
+    constexpr int64_t kBlock = 1 << 14;
+    const int64_t n = T * d;
+    detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
+      const int64_t first = b * kBlock, end = std::min(n, first + kBlock);
+      for (int64_t i = first; i < end; ++i) dx_out[i] *= jitter_[static_cast<size_t>(i)];
+    });
   }
   if (x_dtype_ == DType::bfloat16) {
     convert_f32_to_bf16(dx_out, static_cast<bf16*>(dx), T * d);

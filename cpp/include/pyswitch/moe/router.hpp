@@ -145,8 +145,9 @@ class Router {
   int64_t d_model_, num_experts_;
   RouterOptions options_;
   std::vector<float> weight_, weight_grad_;
-  std::vector<float> x_used_;  // (T, d_model): the float32 router input after jitter
-  std::vector<float> jitter_;  // (T, d_model): empty when no jitter was applied
+  std::vector<float> x_used_;   // (T, d_model): the float32 router input after jitter
+  std::vector<float> jitter_;   // (T, d_model): the last training forward's noise
+  bool jitter_active_ = false;  // whether the last forward applied jitter_
   std::vector<float> logits_;
   RoutingPlan plan_;
   DType x_dtype_ = DType::float32;
