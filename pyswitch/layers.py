@@ -9,18 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from .routing import _PRIORITIES, _ROUNDINGS, _as_factor, _as_group_size, _as_str
-from .runtime import _as_int
+from .routing import _as_factor, _as_str, _router_args
+from .runtime import _as_int, _as_seed
 
 _ACTIVATIONS = ("relu", "gelu", "geglu")
 _DTYPES = ("float32", "bfloat16")
-
-
-def _as_seed(where: str, seed) -> int:
-    seed = _as_int(where, "seed", seed)
-    if seed < 0 or seed >= 2**64:
-        raise ValueError(f"{where}: seed must be in [0, 2**64), got {seed}")
-    return seed
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,14 +109,17 @@ class SwitchFFN:
             _as_int(where, "d_model", d_model),
             _as_int(where, "d_ff", d_ff),
             _as_int(where, "num_experts", num_experts),
-            _as_int(where, "k", k),
-            _as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
-            _as_factor(where, "eval_capacity_factor", eval_capacity_factor, allow_none=True),
-            _as_int(where, "min_capacity", min_capacity),
-            _as_group_size(where, group_size),
-            _as_str(where, "priority", priority, _PRIORITIES),
-            _as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
-            bool(normalize_gates),
+            *_router_args(
+                where,
+                k,
+                capacity_factor,
+                eval_capacity_factor,
+                min_capacity,
+                group_size,
+                priority,
+                capacity_rounding,
+                normalize_gates,
+            ),
             self.activation,
             bool(use_bias),
             _as_factor(where, "expert_dropout", expert_dropout, allow_none=False),

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import _core
-from .runtime import _as_int
+from .runtime import _as_int, _as_seed
 
 RoutingPlan = _core.RoutingPlan
 ExpertChoicePlan = _core.ExpertChoicePlan
@@ -40,6 +40,30 @@ def _as_str(where: str, name: str, value, choices) -> str:
 
 def _as_group_size(where: str, value):
     return None if value is None else _as_int(where, "group_size", value)
+
+
+def _router_args(
+    where,
+    k,
+    capacity_factor,
+    eval_capacity_factor,
+    min_capacity,
+    group_size,
+    priority,
+    capacity_rounding,
+    normalize_gates,
+) -> tuple:
+    """The routing arguments of a router-owning layer, checked and in the core's order."""
+    return (
+        _as_int(where, "k", k),
+        _as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
+        _as_factor(where, "eval_capacity_factor", eval_capacity_factor, allow_none=True),
+        _as_int(where, "min_capacity", min_capacity),
+        _as_group_size(where, group_size),
+        _as_str(where, "priority", priority, _PRIORITIES),
+        _as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
+        bool(normalize_gates),
+    )
 
 
 def route(
@@ -198,9 +222,7 @@ class Router:
         where = "Router"
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"{where}: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        seed = _as_int(where, "seed", seed)
-        if seed < 0 or seed >= 2**64:
-            raise ValueError(f"{where}: seed must be in [0, 2**64), got {seed}")
+        seed = _as_seed(where, seed)
         jitter = _as_factor(where, "jitter_eps", jitter_eps, allow_none=False)
         scale = _as_factor(where, "init_scale", init_scale, allow_none=False)
         if math.isnan(jitter):
@@ -209,14 +231,17 @@ class Router:
         self._impl = _core.Router(
             _as_int(where, "d_model", d_model),
             _as_int(where, "num_experts", num_experts),
-            _as_int(where, "k", k),
-            _as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
-            _as_factor(where, "eval_capacity_factor", eval_capacity_factor, allow_none=True),
-            _as_int(where, "min_capacity", min_capacity),
-            _as_group_size(where, group_size),
-            _as_str(where, "priority", priority, _PRIORITIES),
-            _as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
-            bool(normalize_gates),
+            *_router_args(
+                where,
+                k,
+                capacity_factor,
+                eval_capacity_factor,
+                min_capacity,
+                group_size,
+                priority,
+                capacity_rounding,
+                normalize_gates,
+            ),
             jitter,
             scale,
             seed,

@@ -65,3 +65,11 @@ def _as_int(where: str, name: str, value) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}")
     return value.__index__()
+
+
+def _as_seed(where: str, seed) -> int:
+    """A seed: an integer in [0, 2**64)."""
+    seed = _as_int(where, "seed", seed)
+    if seed < 0 or seed >= 2**64:
+        raise ValueError(f"{where}: seed must be in [0, 2**64), got {seed}")
+    return seed

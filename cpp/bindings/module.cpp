@@ -238,6 +238,26 @@ py::object live_view(py::handle owner, float* data, std::vector<int64_t> shape) 
   return view_of(std::move(shape), data, owner, true);
 }
 
+// Adds w_in, w_out and, when present, w_gate, b_in, b_out (or their gradients) as live views.
+// `lead` is the leading shape: {E} for a Switch layer, {} for a dense one.
+void add_expert_tensors(py::dict& out, py::handle owner, moe::ExpertWeights& w, bool grads,
+                        std::vector<int64_t> lead, int64_t d, int64_t f) {
+  auto shape = [&](std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> full = lead;
+    full.insert(full.end(), tail);
+    return full;
+  };
+  out["w_in"] = live_view(owner, grads ? w.w_in_grad() : w.w_in(), shape({d, f}));
+  out["w_out"] = live_view(owner, grads ? w.w_out_grad() : w.w_out(), shape({f, d}));
+  if (w.w_gate()) {
+    out["w_gate"] = live_view(owner, grads ? w.w_gate_grad() : w.w_gate(), shape({d, f}));
+  }
+  if (w.b_in()) {
+    out["b_in"] = live_view(owner, grads ? w.b_in_grad() : w.b_in(), shape({f}));
+    out["b_out"] = live_view(owner, grads ? w.b_out_grad() : w.b_out(), shape({d}));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -737,21 +757,12 @@ PYBIND11_MODULE(_core, m) {
            py::arg("z_loss_coef"), py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"))
       .def("tensors",
            [](py::object self, bool grads) {
-             auto& w = self.cast<PySwitchFFN&>();
-             moe::SwitchFFN& l = w.layer;
-             const int64_t E = l.num_experts(), d = l.d_model(), f = l.d_ff();
+             moe::SwitchFFN& l = self.cast<PySwitchFFN&>().layer;
+             const int64_t E = l.num_experts(), d = l.d_model();
              py::dict out;
              out["router"] =
                  live_view(self, grads ? l.router_weight_grad() : l.router_weight(), {d, E});
-             out["w_in"] = live_view(self, grads ? l.w_in_grad() : l.w_in(), {E, d, f});
-             out["w_out"] = live_view(self, grads ? l.w_out_grad() : l.w_out(), {E, f, d});
-             if (l.w_gate()) {
-               out["w_gate"] = live_view(self, grads ? l.w_gate_grad() : l.w_gate(), {E, d, f});
-             }
-             if (l.b_in()) {
-               out["b_in"] = live_view(self, grads ? l.b_in_grad() : l.b_in(), {E, f});
-               out["b_out"] = live_view(self, grads ? l.b_out_grad() : l.b_out(), {E, d});
-             }
+             add_expert_tensors(out, self, l.weights(), grads, {E}, d, l.d_ff());
              return out;
            })
       .def("forward",
@@ -798,19 +809,9 @@ PYBIND11_MODULE(_core, m) {
            py::arg("dropout"), py::arg("dtype"), py::arg("init_scale"), py::arg("seed"))
       .def("tensors",
            [](py::object self, bool grads) {
-             auto& w = self.cast<PyDenseFFN&>();
-             moe::DenseFFN& l = w.layer;
-             const int64_t d = l.d_model(), f = l.d_ff();
+             moe::DenseFFN& l = self.cast<PyDenseFFN&>().layer;
              py::dict out;
-             out["w_in"] = live_view(self, grads ? l.w_in_grad() : l.w_in(), {d, f});
-             out["w_out"] = live_view(self, grads ? l.w_out_grad() : l.w_out(), {f, d});
-             if (l.w_gate()) {
-               out["w_gate"] = live_view(self, grads ? l.w_gate_grad() : l.w_gate(), {d, f});
-             }
-             if (l.b_in()) {
-               out["b_in"] = live_view(self, grads ? l.b_in_grad() : l.b_in(), {f});
-               out["b_out"] = live_view(self, grads ? l.b_out_grad() : l.b_out(), {d});
-             }
+             add_expert_tensors(out, self, l.weights(), grads, {}, l.d_model(), l.d_ff());
              return out;
            })
       .def("forward",

@@ -94,6 +94,39 @@ void round_weights(const float* src, int64_t n, std::vector<bf16>& out) {
 
 }  // namespace
 
+ExpertWeights::ExpertWeights(const ExpertShape& s, bool use_bias, double init_scale,
+                             uint64_t seed) {
+  PYSWITCH_CHECK_ARG(std::isfinite(init_scale) && init_scale > 0,
+                     "init_scale must be finite and > 0, got ", init_scale);
+  const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
+  auto init = [&](std::vector<float>& out, int64_t n, int64_t fan_in, uint64_t stream) {
+    out.resize(static_cast<size_t>(n));
+    truncated_normal(out.data(), n, std::sqrt(init_scale / static_cast<double>(fan_in)), seed,
+                     kStreamInit + stream);
+  };
+  init(w_in_, E * d * f, d, 1);
+  init(w_out_, E * f * d, f, 2);
+  if (s.activation == Activation::geglu) init(w_gate_, E * d * f, d, 3);
+  if (use_bias) {
+    b_in_.assign(static_cast<size_t>(E * f), 0.0f);
+    b_out_.assign(static_cast<size_t>(E * d), 0.0f);
+  }
+  g_w_in_.assign(w_in_.size(), 0.0f);
+  g_w_out_.assign(w_out_.size(), 0.0f);
+  g_w_gate_.assign(w_gate_.size(), 0.0f);
+  g_b_in_.assign(b_in_.size(), 0.0f);
+  g_b_out_.assign(b_out_.size(), 0.0f);
+}
+
+ExpertParams ExpertWeights::params() const {
+  return {w_in_.data(), w_gate_.empty() ? nullptr : w_gate_.data(), w_out_.data(),
+          b_in_.empty() ? nullptr : b_in_.data(), b_out_.empty() ? nullptr : b_out_.data()};
+}
+
+ExpertGrads ExpertWeights::grads() {
+  return {w_in_grad(), w_gate_grad(), w_out_grad(), b_in_grad(), b_out_grad()};
+}
+
 Activation parse_activation(const std::string& name) {
   if (name == "relu") return Activation::relu;
   if (name == "gelu") return Activation::gelu;

@@ -13,13 +13,6 @@
 namespace pyswitch::moe {
 namespace {
 
-void init_truncated(std::vector<float>& out, int64_t n, double init_scale, int64_t fan_in,
-                    uint64_t seed, uint64_t stream) {
-  out.resize(static_cast<size_t>(n));
-  truncated_normal(out.data(), n, std::sqrt(init_scale / static_cast<double>(fan_in)), seed,
-                   stream);
-}
-
 void check_sizes(const char* where, int64_t d_model, int64_t d_ff, int64_t experts) {
   PYSWITCH_CHECK_ARG(d_model >= 1, where, ": d_model must be >= 1, got ", d_model);
   PYSWITCH_CHECK_ARG(d_ff >= 1, where, ": d_ff must be >= 1, got ", d_ff);
@@ -73,42 +66,12 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
     : shape_{num_experts, d_model, d_ff, options.activation},
       options_(options),
       router_((check_sizes("SwitchFFN", d_model, d_ff, num_experts), d_model), num_experts,
-              options.router) {
+              options.router),
+      weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed) {
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
   PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
                      "SwitchFFN: aux_loss_coef and z_loss_coef must be finite, got ",
                      options.aux_loss_coef, " and ", options.z_loss_coef);
-  const int64_t E = num_experts, d = d_model, f = d_ff;
-  const uint64_t seed = options.router.seed;
-  const double scale = options.router.init_scale;
-  init_truncated(w_in_, E * d * f, scale, d, seed, kStreamInit + 1);
-  init_truncated(w_out_, E * f * d, scale, f, seed, kStreamInit + 2);
-  if (options.activation == Activation::geglu) {
-    init_truncated(w_gate_, E * d * f, scale, d, seed, kStreamInit + 3);
-  }
-  if (options.use_bias) {
-    b_in_.assign(static_cast<size_t>(E * f), 0.0f);
-    b_out_.assign(static_cast<size_t>(E * d), 0.0f);
-  }
-  g_w_in_.assign(w_in_.size(), 0.0f);
-  g_w_out_.assign(w_out_.size(), 0.0f);
-  g_w_gate_.assign(w_gate_.size(), 0.0f);
-  g_b_in_.assign(b_in_.size(), 0.0f);
-  g_b_out_.assign(b_out_.size(), 0.0f);
-}
-
-ExpertParams SwitchFFN::expert_params() const {
-  ExpertParams p;
-  p.w_in = w_in_.data();
-  p.w_gate = w_gate_.empty() ? nullptr : w_gate_.data();
-  p.w_out = w_out_.data();
-  p.b_in = b_in_.empty() ? nullptr : b_in_.data();
-  p.b_out = b_out_.empty() ? nullptr : b_out_.data();
-  return p;
-}
-
-ExpertGrads SwitchFFN::expert_grads() {
-  return {g_w_in_.data(), w_gate_grad(), g_w_out_.data(), b_in_grad(), b_out_grad()};
 }
 
 const RoutingPlan& SwitchFFN::plan() const {
@@ -142,7 +105,7 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
   if (training && options_.expert_dropout > 0) {
     dropout = {options_.expert_dropout, options_.router.seed, kStreamDropout + training_steps_++};
   }
-  experts_forward(shape_, expert_params(), layout_.expert_offset.data(), c, buffer_.data(),
+  experts_forward(shape_, weights_.params(), layout_.expert_offset.data(), c, buffer_.data(),
                   expert_out_.data(), &cache_, dropout);
 
   if (x_dtype == c) {
@@ -176,8 +139,8 @@ void SwitchFFN::backward(const void* dy, void* dx) {
   combine_backward(dy_c, expert_out_.data(), c, d, layout_, plan.gate.data(), d_expert_out_.data(),
                    d_gate_.data());
   d_buffer_.resize(buffer_.size());
-  experts_backward(shape_, expert_params(), layout_.expert_offset.data(), buffer_.data(), cache_,
-                   d_expert_out_.data(), d_buffer_.data(), expert_grads());
+  experts_backward(shape_, weights_.params(), layout_.expert_offset.data(), buffer_.data(), cache_,
+                   d_expert_out_.data(), d_buffer_.data(), weights_.grads());
   dx_experts_.resize(static_cast<size_t>(T * d * dtype_size(c)));
   dispatch_backward(d_buffer_.data(), c, d, layout_, dx_experts_.data());
 
@@ -207,26 +170,11 @@ SwitchStats SwitchFFN::stats() const {
 // DenseFFN
 
 DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options)
-    : shape_{1, d_model, d_ff, options.activation}, options_(options) {
-  check_sizes("DenseFFN", d_model, d_ff, 1);
+    : shape_{1, d_model, d_ff, options.activation},
+      options_(options),
+      weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
+               options.init_scale, options.seed) {
   check_dropout("DenseFFN", "dropout", options.dropout);
-  PYSWITCH_CHECK_ARG(std::isfinite(options.init_scale) && options.init_scale > 0,
-                     "DenseFFN: init_scale must be finite and > 0, got ", options.init_scale);
-  const int64_t d = d_model, f = d_ff;
-  init_truncated(w_in_, d * f, options.init_scale, d, options.seed, kStreamInit + 1);
-  init_truncated(w_out_, f * d, options.init_scale, f, options.seed, kStreamInit + 2);
-  if (options.activation == Activation::geglu) {
-    init_truncated(w_gate_, d * f, options.init_scale, d, options.seed, kStreamInit + 3);
-  }
-  if (options.use_bias) {
-    b_in_.assign(static_cast<size_t>(f), 0.0f);
-    b_out_.assign(static_cast<size_t>(d), 0.0f);
-  }
-  g_w_in_.assign(w_in_.size(), 0.0f);
-  g_w_out_.assign(w_out_.size(), 0.0f);
-  g_w_gate_.assign(w_gate_.size(), 0.0f);
-  g_b_in_.assign(b_in_.size(), 0.0f);
-  g_b_out_.assign(b_out_.size(), 0.0f);
 }
 
 void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, void* y) {
@@ -242,9 +190,9 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
   if (training && options_.dropout > 0) {
     dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
   }
-  ExpertParams p{w_in_.data(), w_gate(), w_out_.data(), b_in(), b_out()};
   y_compute_.resize(x_compute_.size());
-  experts_forward(shape_, p, offsets, c, x_compute_.data(), y_compute_.data(), &cache_, dropout);
+  experts_forward(shape_, weights_.params(), offsets, c, x_compute_.data(), y_compute_.data(),
+                  &cache_, dropout);
   convert_activations(y_compute_.data(), c, y, x_dtype, T * d);
   x_dtype_ = x_dtype;
   tokens_ = T;
@@ -261,10 +209,8 @@ void DenseFFN::backward(const void* dy, void* dx) {
   dx_compute_.resize(x_compute_.size());
   convert_activations(dy, x_dtype_, dy_compute_.data(), c, T * d);
   const int64_t offsets[2] = {0, T};
-  ExpertParams p{w_in_.data(), w_gate(), w_out_.data(), b_in(), b_out()};
-  ExpertGrads g{g_w_in_.data(), w_gate_grad(), g_w_out_.data(), b_in_grad(), b_out_grad()};
-  experts_backward(shape_, p, offsets, x_compute_.data(), cache_, dy_compute_.data(),
-                   dx_compute_.data(), g);
+  experts_backward(shape_, weights_.params(), offsets, x_compute_.data(), cache_,
+                   dy_compute_.data(), dx_compute_.data(), weights_.grads());
   convert_activations(dx_compute_.data(), c, dx, x_dtype_, T * d);
 }
 

@@ -49,6 +49,33 @@ struct ExpertGrads {
   float* b_out = nullptr;
 };
 
+/// Owned float32 parameters of E expert FFNs (E = 1 for a dense FFN) and their gradients, in
+/// the layout of ExpertParams. Initialised truncated-normal with std = sqrt(init_scale / fan_in)
+/// cut at 2 std (fan_in = d_model for w_in and w_gate, d_ff for w_out); biases start at zero.
+/// Accessors return live pointers (null for an absent tensor). Not thread-safe.
+class ExpertWeights {
+ public:
+  /// Throws InvalidArgument for init_scale that is not finite and positive.
+  ExpertWeights(const ExpertShape& shape, bool use_bias, double init_scale, uint64_t seed);
+
+  float* w_in() { return w_in_.data(); }
+  float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
+  float* w_out() { return w_out_.data(); }
+  float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
+  float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
+  float* w_in_grad() { return g_w_in_.data(); }
+  float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
+  float* w_out_grad() { return g_w_out_.data(); }
+  float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
+  float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+  ExpertParams params() const;
+  ExpertGrads grads();
+
+ private:
+  std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
+  std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+};
+
 /// Inverted dropout on the hidden activation (training only): element (row, j) is kept unless
 /// the Philox draw for (seed, stream, row * d_ff + j) is below `rate`; kept values are scaled by
 /// 1 / (1 - rate). rate 0 disables it.

@@ -34,9 +34,10 @@ struct SwitchStats {
 /// A Switch FFN layer on one rank holding all experts.
 ///
 /// Parameters are float32 and owned by the layer; the accessors return live pointers:
-/// router (d_model, E), w_in (E, d_model, d_ff), w_gate (E, d_model, d_ff; geglu only, else
-/// null), w_out (E, d_ff, d_model), b_in (E, d_ff) and b_out (E, d_model) (use_bias only, else
-/// null). Gradients have the same layout and are written by backward().
+/// router (d_model, E) and, through weights(), w_in (E, d_model, d_ff), w_gate (E, d_model,
+/// d_ff; geglu only, else null), w_out (E, d_ff, d_model), b_in (E, d_ff) and b_out
+/// (E, d_model) (use_bias only, else null). Gradients have the same layout and are written by
+/// backward().
 /// Not thread-safe: one call at a time per layer (calls are multi-threaded inside).
 class SwitchFFN {
  public:
@@ -49,17 +50,9 @@ class SwitchFFN {
   const SwitchFFNOptions& options() const { return options_; }
 
   float* router_weight() { return router_.weight(); }
-  float* w_in() { return w_in_.data(); }
-  float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
-  float* w_out() { return w_out_.data(); }
-  float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
-  float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
   float* router_weight_grad() { return router_.weight_grad(); }
-  float* w_in_grad() { return g_w_in_.data(); }
-  float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
-  float* w_out_grad() { return g_w_out_.data(); }
-  float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
-  float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+  /// The experts' parameters and gradients (live).
+  ExpertWeights& weights() { return weights_; }
 
   /// x: (T, d_model) of x_dtype (float32 or bfloat16), T >= 1. y: (T, d_model) of x_dtype,
   /// written. Uses capacity_factor when training, else eval_capacity_factor.
@@ -80,14 +73,10 @@ class SwitchFFN {
   SwitchStats stats() const;
 
  private:
-  ExpertParams expert_params() const;
-  ExpertGrads expert_grads();
-
   ExpertShape shape_;
   SwitchFFNOptions options_;
   Router router_;
-  std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
-  std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+  ExpertWeights weights_;
   // State of the last forward, kept for backward.
   DispatchLayout layout_;
   std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype
@@ -118,16 +107,8 @@ class DenseFFN {
   DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options);
   int64_t d_model() const { return shape_.d_model; }
   int64_t d_ff() const { return shape_.d_ff; }
-  float* w_in() { return w_in_.data(); }
-  float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
-  float* w_out() { return w_out_.data(); }
-  float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
-  float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
-  float* w_in_grad() { return g_w_in_.data(); }
-  float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
-  float* w_out_grad() { return g_w_out_.data(); }
-  float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
-  float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+  /// Parameters and gradients (live), as an ExpertWeights with E = 1.
+  ExpertWeights& weights() { return weights_; }
 
   /// As SwitchFFN::forward / backward.
   void forward(const void* x, DType x_dtype, int64_t num_tokens, bool training, void* y);
@@ -139,8 +120,7 @@ class DenseFFN {
  private:
   ExpertShape shape_;
   DenseFFNOptions options_;
-  std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
-  std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+  ExpertWeights weights_;
   std::vector<char> x_compute_, y_compute_, dy_compute_, dx_compute_;  // reused between steps
   ExpertCache cache_;
   DType x_dtype_ = DType::float32;
