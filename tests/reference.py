@@ -77,6 +77,18 @@ class Plan:
     group_counts: np.ndarray  # int64 (G, E), assignments before capacity
 
 
+#: The keyword arguments of :func:`route` (and of ``pyswitch.route`` / ``pyswitch.Router``).
+ROUTE_KEYS = (
+    "k",
+    "capacity_factor",
+    "min_capacity",
+    "group_size",
+    "priority",
+    "capacity_rounding",
+    "normalize_gates",
+)
+
+
 def route(
     logits,
     *,
@@ -130,6 +142,19 @@ def route(
                     slot[t, j] = g * C + fill[e]
                 fill[e] += 1
 
+    return plan_with_losses(L, probs, expert_index, gate, slot, group_counts, C, S)
+
+
+def plan_with_losses(L, probs, expert_index, gate, slot, group_counts, capacity, S) -> Plan:
+    """The :class:`Plan` of routing decisions: zero the dropped gates, compute aux and z losses.
+
+    ``L`` / ``probs`` are the float64 logits and their softmax ``(T, E)``; ``expert_index``,
+    ``gate`` (before dropping) and ``slot`` are ``(T, k)``; ``group_counts`` is ``(G, E)``, the
+    assignments per group before capacity; ``S`` is the group size.
+    """
+    T, E = L.shape
+    k = expert_index.shape[1]
+    G = T // S
     kept = slot >= 0
     gate = np.where(kept, gate, 0.0)
 
@@ -145,7 +170,7 @@ def route(
         expert_index=expert_index,
         gate=gate,
         slot=slot,
-        capacity=C,
+        capacity=capacity,
         tokens_per_expert=group_counts.sum(axis=0),
         dropped=int((~kept).sum()),
         aux_loss=aux,

@@ -33,17 +33,6 @@ import reference as ref
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 
-ROUTE_KEYS = (
-    "k",
-    "capacity_factor",
-    "min_capacity",
-    "group_size",
-    "priority",
-    "capacity_rounding",
-    "normalize_gates",
-)
-
-
 # --------------------------------------------------------------------------------------------
 # Activations
 # --------------------------------------------------------------------------------------------
@@ -152,7 +141,7 @@ def router_logits(x, router):
 
 def route_kwargs(cfg, training=False):
     """The ``reference.route`` keyword arguments of a layer config (as passed to SwitchFFN)."""
-    kw = {key: cfg[key] for key in ROUTE_KEYS if key in cfg}
+    kw = {key: cfg[key] for key in ref.ROUTE_KEYS if key in cfg}
     kw.pop("capacity_factor", None)
     if training:
         kw["capacity_factor"] = cfg.get("capacity_factor", 1.25)
@@ -176,35 +165,13 @@ def plan_from_decisions(logits, expert_index, slot, *, k, group_size=None, norma
     probs = ref.softmax(L)
     raw = np.take_along_axis(probs, expert_index, axis=1)
     gate = raw / raw.sum(axis=1, keepdims=True) if normalize_gates else raw.copy()
-    kept = slot >= 0
-    gate = np.where(kept, gate, 0.0)
+    assert expert_index.shape == (T, k), (expert_index.shape, T, k)
     counts = np.zeros((G, E), dtype=np.int64)
     for g in range(G):
         for e in expert_index[g * S : (g + 1) * S].ravel():
             counts[g, e] += 1
-    aux = 0.0
-    for g in range(G):
-        aux += E * float(np.sum(counts[g] / (S * k) * probs[g * S : (g + 1) * S].mean(axis=0)))
-    aux /= G
-    z = float(np.mean(ref.logsumexp(L) ** 2))
-    C = int(slot.max()) + 1 if kept.any() else 0
-    return ref.Plan(
-        expert_index=expert_index,
-        gate=gate,
-        slot=slot,
-        capacity=C,
-        tokens_per_expert=counts.sum(axis=0),
-        dropped=int((~kept).sum()),
-        aux_loss=aux,
-        z_loss=z,
-        num_groups=G,
-        group_size=S,
-        num_experts=E,
-        k=k,
-        probs=probs,
-        kept=kept,
-        group_counts=counts,
-    )
+    C = int(slot.max()) + 1 if (slot >= 0).any() else 0
+    return ref.plan_with_losses(L, probs, expert_index, gate, slot, counts, C, S)
 
 
 def same_decisions(plan_a, plan_b) -> bool:

@@ -385,25 +385,18 @@ def test_batch_prioritized_uses_raw_top1_probability_not_normalized_gate(isa):
     # Token 1: raw top-1 prob .475, normalized .731.  SPEC orders by the top-1 *probability*:
     # token 0 first, so it gets expert 0's only slot.
     logits = np.array([[1, 0.875, -9, -9], [1, 0, 0, 0]], dtype=np.float32)
-    plan = pyswitch.route(
-        logits,
+    kw = dict(
         k=2,
         capacity_factor=0.25,
         min_capacity=1,
         priority="batch_prioritized",
         normalize_gates=True,
     )
+    plan = pyswitch.route(logits, **kw)
     assert int(plan.capacity) == 1
     np.testing.assert_array_equal(plan.expert_index, [[0, 1], [0, 1]])
     np.testing.assert_array_equal(plan.slot, [[0, 0], [-1, -1]])
-    expected = ref.route(
-        logits,
-        k=2,
-        capacity_factor=0.25,
-        min_capacity=1,
-        priority="batch_prioritized",
-        normalize_gates=True,
-    )
+    expected = ref.route(logits, **kw)
     np.testing.assert_allclose(plan.gate, expected.gate, atol=GATE_ATOL)
 
 

@@ -27,19 +27,9 @@ GRAD_SCALE_TOL = 2e-5
 GRAD_RTOL = 1e-4
 FD_H = 1e-6
 
-ROUTE_KEYS = (
-    "k",
-    "capacity_factor",
-    "min_capacity",
-    "group_size",
-    "priority",
-    "capacity_rounding",
-    "normalize_gates",
-)
-
 
 def route_kwargs(cfg):
-    return {key: cfg[key] for key in ROUTE_KEYS if key in cfg}
+    return {key: cfg[key] for key in ref.ROUTE_KEYS if key in cfg}
 
 
 def make_router(d_model, E, cfg, seed, **extra):
