@@ -1,5 +1,5 @@
-// Internal: GEMMs through oneDNN. The *_blocked entry points split the rows of C into fixed
-// blocks, each one single-threaded oneDNN call, so the rounding never depends on the thread
+// Internal: GEMMs through oneDNN. gemm() splits the rows of C into fixed blocks, each one
+// single-threaded oneDNN call (gemm_serial), so the rounding never depends on the thread
 // count; gemm_threaded lets oneDNN use the whole pool (for throughput measurements).
 #pragma once
 
