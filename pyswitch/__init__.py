@@ -6,7 +6,7 @@ type). See ``build_info()`` for what this build contains.
 
 from ml_dtypes import bfloat16
 
-from . import _core
+from . import _core, comm
 from ._core import CheckpointError, CommError, CommTimeout, Error
 from .dispatch import (
     DispatchLayout,
@@ -31,6 +31,7 @@ from .runtime import (
 __version__ = _core.build_info()["version"]
 
 __all__ = [
+    "comm",
     "bfloat16",
     "Error",
     "CommError",

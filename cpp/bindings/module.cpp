@@ -13,6 +13,7 @@
 
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/build_info.hpp"
+#include "pyswitch/comm/local.hpp"
 #include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/matmul.hpp"
@@ -256,6 +257,42 @@ void add_expert_tensors(py::dict& out, py::handle owner, moe::ExpertWeights& w, 
     out["b_in"] = live_view(owner, grads ? w.b_in_grad() : w.b_in(), shape({f}));
     out["b_out"] = live_view(owner, grads ? w.b_out_grad() : w.b_out(), shape({d}));
   }
+}
+
+// ---- collectives helpers ------------------------------------------------------------------
+comm::CommDType comm_dtype_of(const char* where, const char* name, const py::array& a) {
+  if (is_float32(a)) return comm::CommDType::float32;
+  if (is_bfloat16(a)) return comm::CommDType::bfloat16;
+  if (a.dtype().equal(py::dtype::of<int32_t>())) return comm::CommDType::int32;
+  if (a.dtype().equal(py::dtype::of<int64_t>())) return comm::CommDType::int64;
+  throw TypeMismatch(detail::concat(
+      where, ": ", name, " must be float32, bfloat16, int32 or int64, got ", dtype_of(a)));
+}
+
+// A C-contiguous buffer argument of `dtype` holding at least `elements` elements.
+void require_buffer(const char* where, const char* name, const py::array& a, comm::CommDType dtype,
+                    int64_t elements, bool writeable) {
+  if (comm_dtype_of(where, name, a) != dtype) {
+    throw TypeMismatch(detail::concat(where, ": ", name, " must be ", comm::comm_dtype_name(dtype),
+                                      ", got ", dtype_of(a)));
+  }
+  if (!(a.flags() & py::array::c_style) || (writeable && !a.writeable())) {
+    throw InvalidArgument(detail::concat(where, ": ", name, " must be a ",
+                                         writeable ? "writeable " : "", "C-contiguous array"));
+  }
+  if (a.size() < elements) {
+    throw InvalidArgument(detail::concat(where, ": ", name, " must hold at least ", elements,
+                                         " elements, got ", a.size()));
+  }
+}
+
+comm::ReduceOp parse_reduce_op(const char* where, const std::string& name) {
+  if (name == "sum") return comm::ReduceOp::sum;
+  if (name == "max") return comm::ReduceOp::max;
+  if (name == "min") return comm::ReduceOp::min;
+  if (name == "mean") return comm::ReduceOp::mean;
+  throw InvalidArgument(
+      detail::concat(where, ": op must be 'sum', 'max', 'min' or 'mean', got '", name, "'"));
 }
 
 }  // namespace
@@ -820,4 +857,95 @@ PYBIND11_MODULE(_core, m) {
            })
       .def("backward",
            [](PyDenseFFN& w, py::handle dy) { return layer_backward("DenseFFN.backward", w, dy); });
+
+  // ---- collectives ---------------------------------------------------------------------------
+  py::class_<comm::Communicator>(m, "Communicator")
+      .def_property_readonly("rank", &comm::Communicator::rank)
+      .def_property_readonly("size", &comm::Communicator::size)
+      .def_property_readonly("timeout", &comm::Communicator::timeout)
+      .def("all_to_all",
+           [](comm::Communicator& c, py::array send, py::array recv, int64_t count) {
+             const auto dt = comm_dtype_of("all_to_all", "x", send);
+             require_buffer("all_to_all", "x", send, dt, count * c.size(), false);
+             require_buffer("all_to_all", "out", recv, dt, count * c.size(), true);
+             py::gil_scoped_release release;
+             c.all_to_all(send.data(), recv.mutable_data(), count, dt);
+           })
+      .def("all_to_all_v",
+           [](comm::Communicator& c, py::array send, std::vector<int64_t> send_counts,
+              std::vector<int64_t> send_displs, py::array recv, std::vector<int64_t> recv_counts,
+              std::vector<int64_t> recv_displs) {
+             const auto dt = comm_dtype_of("all_to_all_v", "x", send);
+             const size_t W = static_cast<size_t>(c.size());
+             if (send_counts.size() != W || send_displs.size() != W || recv_counts.size() != W ||
+                 recv_displs.size() != W) {
+               throw InvalidArgument(detail::concat(
+                   "all_to_all_v: counts and displacements must have ", W, " entries"));
+             }
+             require_buffer("all_to_all_v", "x", send, dt, 0, false);
+             require_buffer("all_to_all_v", "out", recv, dt, 0, true);
+             // Every block must lie inside its array (checked without overflow).
+             auto check_blocks = [&](const char* name, const std::vector<int64_t>& counts,
+                                     const std::vector<int64_t>& displs, int64_t size) {
+               for (size_t q = 0; q < W; ++q) {
+                 if (counts[q] < 0 || displs[q] < 0 || displs[q] > size ||
+                     counts[q] > size - displs[q]) {
+                   throw InvalidArgument(detail::concat(
+                       "all_to_all_v: block ", q, " of ", name, " (count ", counts[q],
+                       ", displacement ", displs[q], ") does not fit its ", size, " elements"));
+                 }
+               }
+             };
+             check_blocks("x", send_counts, send_displs, send.size());
+             check_blocks("out", recv_counts, recv_displs, recv.size());
+             py::gil_scoped_release release;
+             c.all_to_all_v(send.data(), send_counts.data(), send_displs.data(),
+                            recv.mutable_data(), recv_counts.data(), recv_displs.data(), dt);
+           })
+      .def("all_reduce",
+           [](comm::Communicator& c, py::array send, py::array recv, int64_t count,
+              const std::string& op) {
+             const auto dt = comm_dtype_of("all_reduce", "x", send);
+             const auto rop = parse_reduce_op("all_reduce", op);
+             require_buffer("all_reduce", "x", send, dt, count, false);
+             require_buffer("all_reduce", "out", recv, dt, count, true);
+             py::gil_scoped_release release;
+             c.all_reduce(send.data(), recv.mutable_data(), count, dt, rop);
+           })
+      .def("all_gather",
+           [](comm::Communicator& c, py::array send, py::array recv, int64_t count) {
+             const auto dt = comm_dtype_of("all_gather", "x", send);
+             require_buffer("all_gather", "x", send, dt, count, false);
+             require_buffer("all_gather", "out", recv, dt, count * c.size(), true);
+             py::gil_scoped_release release;
+             c.all_gather(send.data(), recv.mutable_data(), count, dt);
+           })
+      .def("reduce_scatter",
+           [](comm::Communicator& c, py::array send, py::array recv, int64_t count,
+              const std::string& op) {
+             const auto dt = comm_dtype_of("reduce_scatter", "x", send);
+             const auto rop = parse_reduce_op("reduce_scatter", op);
+             require_buffer("reduce_scatter", "x", send, dt, count * c.size(), false);
+             require_buffer("reduce_scatter", "out", recv, dt, count, true);
+             py::gil_scoped_release release;
+             c.reduce_scatter(send.data(), recv.mutable_data(), count, dt, rop);
+           })
+      .def("broadcast",
+           [](comm::Communicator& c, py::array buffer, int64_t count, int root) {
+             const auto dt = comm_dtype_of("broadcast", "x", buffer);
+             require_buffer("broadcast", "x", buffer, dt, count, true);
+             py::gil_scoped_release release;
+             c.broadcast(buffer.mutable_data(), count, dt, root);
+           })
+      .def("barrier", [](comm::Communicator& c) {
+        py::gil_scoped_release release;
+        c.barrier();
+      });
+
+  py::class_<comm::LocalGroup>(m, "LocalGroup")
+      .def(py::init<int, double>(), py::arg("world_size"), py::arg("timeout"))
+      .def_property_readonly("size", &comm::LocalGroup::size)
+      .def("comm", &comm::LocalGroup::comm, py::return_value_policy::reference_internal)
+      .def("poison", &comm::LocalGroup::poison)
+      .def_property_readonly("poisoned", &comm::LocalGroup::poisoned);
 }

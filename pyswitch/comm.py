@@ -1,0 +1,227 @@
+"""Collective communication for expert and data parallelism (SPEC section 3).
+
+``LocalGroup(world_size)`` runs ``world_size`` thread ranks in this process, exchanging
+through shared memory; ``run(fn)`` calls ``fn(comm)`` on each. The collectives follow MPI/NCCL
+names. Arrays are NumPy arrays of float32, bfloat16, int32 or int64; counts are in rows of the
+leading axis, and the trailing shape must agree across ranks.
+
+Rules: every rank calls every collective in the same order (ranks with nothing to send too);
+a mismatch in op, dtype or size raises :class:`pyswitch.CommError` on every rank; every wait
+has a timeout (:class:`pyswitch.CommTimeout`); a rank that raises poisons the group, so the
+others raise ``CommError`` instead of waiting. Reductions run in rank order, so every rank gets
+bit-identical results.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from . import _core
+from ._core import CommError
+from .runtime import _as_int
+
+_OPS = ("sum", "max", "min", "mean")
+
+
+def _rows(x: np.ndarray) -> tuple[int, int]:
+    """(rows, elements per row) of an array, treating a 0-d array as one row of one element."""
+    if x.ndim == 0:
+        return 1, 1
+    per_row = int(np.prod(x.shape[1:], dtype=np.int64))
+    return x.shape[0], per_row
+
+
+def _check_array(where: str, x) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{where}: x must be a numpy array, got {type(x).__name__}")
+    return np.ascontiguousarray(x)
+
+
+def _check_op(where: str, op) -> str:
+    if op not in _OPS:
+        raise ValueError(f"{where}: op must be one of {_OPS}, got {op!r}")
+    return op
+
+
+class Communicator:
+    """One rank's view of a group. Use it only from that rank's thread.
+
+    Attributes
+    ----------
+    rank, size : int
+    timeout : float
+        Seconds any collective may wait before raising ``CommTimeout``.
+    """
+
+    def __init__(self, impl):
+        self._impl = impl
+        self.rank = impl.rank
+        self.size = impl.size
+        self.timeout = impl.timeout
+
+    def all_to_all(self, x: np.ndarray) -> np.ndarray:
+        """Exchange equal blocks: x (size * n, ...) -> y (size * n, ...).
+
+        Block r of x (rows r*n:(r+1)*n) goes to rank r; block r of y came from rank r.
+        """
+        x = _check_array("all_to_all", x)
+        rows, per_row = _rows(x)
+        if x.ndim == 0 or rows % self.size:
+            raise ValueError(
+                f"all_to_all: x must have a leading dimension divisible by size={self.size}, "
+                f"got shape {x.shape}"
+            )
+        out = np.empty_like(x)
+        self._impl.all_to_all(x, out, (rows // self.size) * per_row)
+        return out
+
+    def all_to_all_v(self, x: np.ndarray, send_counts) -> tuple[np.ndarray, np.ndarray]:
+        """Exchange blocks of varying size.
+
+        Parameters
+        ----------
+        x : ndarray (sum(send_counts), ...)
+            Rows for rank 0, then rank 1, ...
+        send_counts : sequence of int, length size
+            Rows sent to each rank (>= 0).
+
+        Returns
+        -------
+        y : ndarray (sum(recv_counts), ...)
+            Rows from rank 0, then rank 1, ...
+        recv_counts : ndarray of int64 (size,)
+        """
+        x = _check_array("all_to_all_v", x)
+        if x.ndim == 0:
+            raise ValueError(
+                "all_to_all_v: x must have a leading (rows) dimension, got a 0-d array"
+            )
+        counts = np.asarray([_as_int("all_to_all_v", "send_counts", c) for c in send_counts])
+        counts = counts.astype(np.int64).reshape(-1)
+        if counts.shape[0] != self.size:
+            raise ValueError(
+                f"all_to_all_v: send_counts must have size={self.size} entries, "
+                f"got {counts.shape[0]}"
+            )
+        if (counts < 0).any() or counts.sum() != x.shape[0]:
+            raise ValueError(
+                "all_to_all_v: send_counts must be >= 0 and sum to x.shape[0]="
+                f"{x.shape[0]}, got {counts.tolist()}"
+            )
+        # The counts travel first, so that every rank can size its output.
+        recv_counts = self.all_to_all(counts)
+        _, per_row = _rows(x)
+        out = np.empty((int(recv_counts.sum()),) + x.shape[1:], dtype=x.dtype)
+        send_displs = np.concatenate([[0], np.cumsum(counts)[:-1]]) * per_row
+        recv_displs = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]) * per_row
+        self._impl.all_to_all_v(
+            x,
+            (counts * per_row).tolist(),
+            send_displs.tolist(),
+            out,
+            (recv_counts * per_row).tolist(),
+            recv_displs.tolist(),
+        )
+        return out, recv_counts
+
+    def all_reduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Elementwise reduction over ranks (rank order; bf16 accumulates in float32)."""
+        x = _check_array("all_reduce", x)
+        op = _check_op("all_reduce", op)
+        out = np.empty_like(x)
+        self._impl.all_reduce(x, out, x.size, op)
+        return out
+
+    def all_gather(self, x: np.ndarray) -> np.ndarray:
+        """Stack every rank's x: y (size, *x.shape), y[r] = rank r's x."""
+        x = _check_array("all_gather", x)
+        out = np.empty((self.size,) + x.shape, dtype=x.dtype)
+        self._impl.all_gather(x, out, x.size)
+        return out
+
+    def reduce_scatter(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
+        """x (size * n, ...) -> this rank's block (n, ...) of the all_reduce of x."""
+        x = _check_array("reduce_scatter", x)
+        op = _check_op("reduce_scatter", op)
+        rows, per_row = _rows(x)
+        if x.ndim == 0 or rows % self.size:
+            raise ValueError(
+                f"reduce_scatter: x must have a leading dimension divisible by size={self.size}, "
+                f"got shape {x.shape}"
+            )
+        out = np.empty((rows // self.size,) + x.shape[1:], dtype=x.dtype)
+        self._impl.reduce_scatter(x, out, out.size, op)
+        return out
+
+    def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
+        """Root's x on every rank (other ranks pass an array of the same shape and dtype)."""
+        x = _check_array("broadcast", x)
+        root = _as_int("broadcast", "root", root)
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast: root must be in [0, {self.size}), got {root}")
+        out = np.array(x, copy=True)
+        self._impl.broadcast(out, out.size, root)
+        return out
+
+    def barrier(self) -> None:
+        """Wait until every rank has called barrier."""
+        self._impl.barrier()
+
+
+class LocalGroup:
+    """``world_size`` ranks as threads of this process (the embedded default backend).
+
+    Parameters
+    ----------
+    world_size : int
+        Number of ranks, >= 1.
+    timeout : float
+        Seconds a collective may wait for the other ranks (default 30).
+    """
+
+    def __init__(self, world_size: int, *, timeout: float = 30.0):
+        self.world_size = _as_int("LocalGroup", "world_size", world_size)
+        if self.world_size < 1:
+            raise ValueError(f"LocalGroup: world_size must be >= 1, got {self.world_size}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"LocalGroup: timeout must be a number, got {timeout!r}")
+        if not (timeout > 0 and np.isfinite(timeout)):
+            raise ValueError(f"LocalGroup: timeout must be finite and > 0 seconds, got {timeout}")
+        self.timeout = float(timeout)
+
+    def run(self, fn) -> list:
+        """Call ``fn(comm)`` on every rank, each in its own thread; return the results by rank.
+
+        If a rank raises, the others are released (their collectives raise ``CommError``) and
+        the first original exception is re-raised here with its type; a failure that is only a
+        communication error (mismatch, timeout) re-raises the first ``CommError``.
+        """
+        group = _core.LocalGroup(self.world_size, self.timeout)
+        results = [None] * self.world_size
+        errors = []  # (time, rank, exception)
+        lock = threading.Lock()
+
+        def body(rank):
+            try:
+                results[rank] = fn(Communicator(group.comm(rank)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+                with lock:
+                    errors.append((time.monotonic(), rank, exc))
+                group.poison(f"rank {rank} raised {type(exc).__name__}: {exc}")
+
+        threads = [
+            threading.Thread(target=body, args=(r,), name=f"pyswitch-rank-{r}", daemon=True)
+            for r in range(self.world_size)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            errors.sort(key=lambda e: e[0])
+            original = [e for e in errors if not isinstance(e[2], CommError)]
+            raise (original or errors)[0][2]
+        return results
