@@ -225,3 +225,32 @@ class LocalGroup:
             original = [e for e in errors if not isinstance(e[2], CommError)]
             raise (original or errors)[0][2]
         return results
+
+
+def average_gradients(comm: Communicator, grads: dict, keys=None) -> dict:
+    """Data parallelism: replace each gradient by its mean over the ranks, in place.
+
+    Use it for replicated parameters (the router, dense layers), whose per-rank gradients are
+    each the gradient of that rank's own share of the batch. With the loss of each rank being
+    the mean over its tokens, the mean over ranks is the gradient of the mean over the global
+    batch. Do not use it for expert weights under expert parallelism: each rank owns different
+    experts, and their gradients already cover every token routed to them.
+
+    Parameters
+    ----------
+    comm : Communicator
+    grads : dict of str -> float32 or bfloat16 ndarray
+        Typically ``layer.grads`` (live arrays: the layer sees the averaged values).
+    keys : iterable of str, optional
+        The entries to average (default: all, in sorted order so every rank agrees).
+
+    Returns
+    -------
+    dict
+        ``grads`` itself.
+    """
+    names = sorted(grads) if keys is None else list(keys)
+    for name in names:
+        g = grads[name]
+        g[...] = comm.all_reduce(np.ascontiguousarray(g), op="mean")
+    return grads
