@@ -18,6 +18,7 @@ import threading
 import time
 
 import numpy as np
+from ml_dtypes import bfloat16
 
 from . import _core
 from ._core import CommError
@@ -34,10 +35,33 @@ def _rows(x: np.ndarray) -> tuple[int, int]:
     return x.shape[0], per_row
 
 
+_OPCODES = {
+    "all_to_all": 1,
+    "all_to_all_v": 2,
+    "all_reduce": 3,
+    "all_gather": 4,
+    "reduce_scatter": 5,
+    "broadcast": 6,
+    "barrier": 7,
+}
+_OP_NAMES = {v: k for k, v in _OPCODES.items()}
+_META_DIMS = 7  # shape dims carried verbatim; a hash of the whole shape covers the rest
+
+
+def _dtype_code(x: np.ndarray) -> int:
+    for code, dtype in enumerate((np.float32, bfloat16, np.int32, np.int64), start=1):
+        if x.dtype == dtype:
+            return code
+    return 0
+
+
 def _check_array(where: str, x) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{where}: x must be a numpy array, got {type(x).__name__}")
-    return np.ascontiguousarray(x)
+    if not _dtype_code(x):
+        raise TypeError(f"{where}: x must be float32, bfloat16, int32 or int64, got {x.dtype}")
+    # np.ascontiguousarray would turn a 0-d array into shape (1,).
+    return x if x.flags.c_contiguous else np.array(x, order="C")
 
 
 def _check_op(where: str, op) -> str:
@@ -56,11 +80,57 @@ class Communicator:
         Seconds any collective may wait before raising ``CommTimeout``.
     """
 
-    def __init__(self, impl):
+    def __init__(self, impl, poison=None):
         self._impl = impl
+        self._poison = poison
         self.rank = impl.rank
         self.size = impl.size
         self.timeout = impl.timeout
+
+    @staticmethod
+    def _internal(op: str, call):
+        """Run a helper exchange of `op`, reporting its failures under `op`'s name."""
+        try:
+            call()
+        except CommError as exc:
+            raise type(exc)(f"{op}: {exc}") from None
+
+    def _agree(self, op: str, x: np.ndarray | None = None, *, rows_may_differ=False, extra=0):
+        """Check that every rank makes the same call: op, dtype, shape (the trailing shape when
+        row counts may differ) and `extra` (reduce op or root). All ranks see the same gathered
+        descriptions, so on a mismatch all of them raise CommError, and the group is poisoned."""
+        meta = np.zeros(5 + _META_DIMS, np.int64)
+        meta[0], meta[2] = _OPCODES[op], extra
+        if x is not None:
+            shape = x.shape[1:] if rows_may_differ else x.shape
+            meta[1], meta[3] = _dtype_code(x), len(shape)
+            meta[4] = hash(tuple(int(d) for d in shape)) & 0x7FFFFFFFFFFFFFFF
+            dims = list(shape[:_META_DIMS])
+            meta[5 : 5 + len(dims)] = dims
+        if self.size == 1:
+            return
+        every = np.empty((self.size, meta.size), np.int64)
+        self._internal(op, lambda: self._impl.all_gather(meta, every, meta.size))
+        odd = [r for r in range(self.size) if not np.array_equal(every[r], every[0])]
+        if not odd:
+            return
+
+        def describe(row):
+            name = _OP_NAMES.get(int(row[0]), "?")
+            if row[1] == 0:
+                return name
+            dtype = ("float32", "bfloat16", "int32", "int64")[int(row[1]) - 1]
+            dims = [int(d) for d in row[5 : 5 + min(int(row[3]), _META_DIMS)]]
+            what = "trailing shape" if rows_may_differ else "shape"
+            return f"{name}({dtype}, {what} {tuple(dims)}, op/root code {int(row[2])})"
+
+        message = (
+            f"{op} (rank {self.rank} of {self.size}): ranks disagree on the call: rank 0 made "
+            f"{describe(every[0])}, rank {odd[0]} made {describe(every[odd[0]])}"
+        )
+        if self._poison is not None:
+            self._poison(message)
+        raise CommError(message)
 
     def all_to_all(self, x: np.ndarray) -> np.ndarray:
         """Exchange equal blocks: x (size * n, ...) -> y (size * n, ...).
@@ -74,6 +144,7 @@ class Communicator:
                 f"all_to_all: x must have a leading dimension divisible by size={self.size}, "
                 f"got shape {x.shape}"
             )
+        self._agree("all_to_all", x)
         out = np.empty_like(x)
         self._impl.all_to_all(x, out, (rows // self.size) * per_row)
         return out
@@ -111,8 +182,10 @@ class Communicator:
                 "all_to_all_v: send_counts must be >= 0 and sum to x.shape[0]="
                 f"{x.shape[0]}, got {counts.tolist()}"
             )
+        self._agree("all_to_all_v", x, rows_may_differ=True)
         # The counts travel first, so that every rank can size its output.
-        recv_counts = self.all_to_all(counts)
+        recv_counts = np.empty_like(counts)
+        self._internal("all_to_all_v", lambda: self._impl.all_to_all(counts, recv_counts, 1))
         _, per_row = _rows(x)
         out = np.empty((int(recv_counts.sum()),) + x.shape[1:], dtype=x.dtype)
         send_displs = np.concatenate([[0], np.cumsum(counts)[:-1]]) * per_row
@@ -131,6 +204,7 @@ class Communicator:
         """Elementwise reduction over ranks (rank order; bf16 accumulates in float32)."""
         x = _check_array("all_reduce", x)
         op = _check_op("all_reduce", op)
+        self._agree("all_reduce", x, extra=_OPS.index(op))
         out = np.empty_like(x)
         self._impl.all_reduce(x, out, x.size, op)
         return out
@@ -138,6 +212,7 @@ class Communicator:
     def all_gather(self, x: np.ndarray) -> np.ndarray:
         """Stack every rank's x: y (size, *x.shape), y[r] = rank r's x."""
         x = _check_array("all_gather", x)
+        self._agree("all_gather", x)
         out = np.empty((self.size,) + x.shape, dtype=x.dtype)
         self._impl.all_gather(x, out, x.size)
         return out
@@ -152,6 +227,7 @@ class Communicator:
                 f"reduce_scatter: x must have a leading dimension divisible by size={self.size}, "
                 f"got shape {x.shape}"
             )
+        self._agree("reduce_scatter", x, extra=_OPS.index(op))
         out = np.empty((rows // self.size,) + x.shape[1:], dtype=x.dtype)
         self._impl.reduce_scatter(x, out, out.size, op)
         return out
@@ -162,12 +238,14 @@ class Communicator:
         root = _as_int("broadcast", "root", root)
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast: root must be in [0, {self.size}), got {root}")
-        out = np.array(x, copy=True)
+        self._agree("broadcast", x, extra=root)
+        out = np.array(x, copy=True, order="C")
         self._impl.broadcast(out, out.size, root)
         return out
 
     def barrier(self) -> None:
         """Wait until every rank has called barrier."""
+        self._agree("barrier")
         self._impl.barrier()
 
 
@@ -206,7 +284,7 @@ class LocalGroup:
 
         def body(rank):
             try:
-                results[rank] = fn(Communicator(group.comm(rank)))
+                results[rank] = fn(Communicator(group.comm(rank), group.poison))
             except BaseException as exc:  # noqa: BLE001 - re-raised by run()
                 with lock:
                     errors.append((time.monotonic(), rank, exc))

@@ -252,6 +252,7 @@ class LocalGroupState {
     if (!poisoned_) {
       poisoned_ = true;
       poison_reason_ = message;
+      poisoned_by_timeout_ = timeout;
     }
     cv_.notify_all();
     if (timeout) throw CommTimeout(message);
@@ -270,11 +271,13 @@ class LocalGroupState {
     const auto deadline = std::chrono::steady_clock::now() +
                           std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                               std::chrono::duration<double>(timeout_));
-    auto all_there = [&] {
-      return poisoned_ ||
-             std::all_of(stage.begin(), stage.end(), [&](uint64_t s) { return s >= call.seq; });
+    auto everyone_there = [&] {
+      return std::all_of(stage.begin(), stage.end(), [&](uint64_t s) { return s >= call.seq; });
     };
-    if (!cv_.wait_until(lock, deadline, all_there)) {
+    const bool ok = cv_.wait_until(lock, deadline, [&] { return poisoned_ || everyone_there(); });
+    // A call every rank has reached stands, even if the group failed a moment later.
+    if (everyone_there()) return;
+    if (!ok) {
       std::ostringstream missing;
       for (int r = 0; r < world_size_; ++r) {
         if (stage[static_cast<size_t>(r)] < call.seq) missing << (missing.tellp() ? ", " : "") << r;
@@ -284,7 +287,12 @@ class LocalGroupState {
                           " ", what),
            /*timeout=*/true);
     }
-    throw_if_poisoned(call, rank);
+    // Woken by a failure elsewhere: a timeout stays a timeout for every rank that was waiting.
+    const std::string message =
+        detail::concat(op_name(call.op), " (call ", call.seq, ", rank ", rank, " of ", world_size_,
+                       "): the group has failed: ", poison_reason_);
+    if (poisoned_by_timeout_) throw CommTimeout(message);
+    throw CommError(message);
   }
 
   // Every rank checks every posted call against rank 0's, so all ranks throw together.
@@ -330,6 +338,7 @@ class LocalGroupState {
   std::vector<Call> calls_;
   std::vector<uint64_t> posted_, done_;
   bool poisoned_ = false;
+  bool poisoned_by_timeout_ = false;
   std::string poison_reason_;
 };
 
