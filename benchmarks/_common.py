@@ -492,3 +492,23 @@ def write_json(name: str, data: dict, path: str | os.PathLike | None = None) -> 
         json.dump(payload, f, indent=2, default=_json_default)
         f.write("\n")
     return out
+
+
+def print_run_summary(info: dict, rows, notes, problems, busy_warn: float = 0.15) -> None:
+    """The closing lines every benchmark prints: load warnings, notes, disagreements."""
+    busy = info.get("cpu_busy_before_run")
+    if busy is not None and busy > busy_warn:
+        print(f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy when this run started")
+    if any(str(r[-1]).endswith("!") for r in rows):
+        print(
+            "\nWARNING: rows marked '!' were timed while other processes were using the CPUs; "
+            "rerun on a quiet machine"
+        )
+    if notes:
+        print("\nnotes:")
+        for note in notes:
+            print("  " + note)
+    if problems:
+        print("\nDISAGREEMENTS / ERRORS:")
+        for problem in problems:
+            print("  " + problem)

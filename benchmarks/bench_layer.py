@@ -923,22 +923,7 @@ def main(argv=None) -> int:
             "the first step"
         )
         common.print_table(Report.MEM_HEADERS, report.mem_rows, align="lrrrr")
-    busy = info.get("cpu_busy_before_run")
-    if busy is not None and busy > 0.15:
-        print(f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy when this run started")
-    if any(r[-1].endswith("!") for r in report.rows):
-        print(
-            "\nWARNING: rows marked '!' were timed while other processes were using the CPUs; "
-            "rerun on a quiet machine"
-        )
-    if report.notes:
-        print("\nnotes:")
-        for note in report.notes:
-            print("  " + note)
-    if report.problems:
-        print("\nDISAGREEMENTS / ERRORS:")
-        for p_ in report.problems:
-            print("  " + p_)
+    common.print_run_summary(info, report.rows, report.notes, report.problems, busy_warn=0.15)
     elapsed = time.perf_counter() - t_start
     out = common.write_json(
         NAME,

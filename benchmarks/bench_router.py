@@ -635,22 +635,7 @@ def main(argv=None) -> int:
         f"('!' above {BUSY_WARN:.0%}: that row's numbers are not trustworthy)"
     )
     common.print_table(Report.HEADERS, report.rows, align="lllrrrrrlr")
-    busy = info.get("cpu_busy_before_run")
-    if busy is not None and busy > BUSY_WARN:
-        print(f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy when this run started")
-    if any(r[-1].endswith("!") for r in report.rows):
-        print(
-            "\nWARNING: rows marked '!' were timed while other processes were using the CPUs; "
-            "rerun on a quiet machine"
-        )
-    if report.notes:
-        print("\nnotes:")
-        for note in report.notes:
-            print("  " + note)
-    if report.problems:
-        print("\nDISAGREEMENTS / ERRORS:")
-        for p in report.problems:
-            print("  " + p)
+    common.print_run_summary(info, report.rows, report.notes, report.problems, busy_warn=BUSY_WARN)
     out = common.write_json(
         NAME,
         {

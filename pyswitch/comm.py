@@ -132,18 +132,23 @@ class Communicator:
             self._poison(message)
         raise CommError(message)
 
+    def _equal_blocks(self, where: str, x: np.ndarray) -> tuple[int, int]:
+        """(rows, elements per row) of an x that splits into `size` equal blocks of rows."""
+        rows, per_row = _rows(x)
+        if x.ndim == 0 or rows % self.size:
+            raise ValueError(
+                f"{where}: x must have a leading dimension divisible by size={self.size}, "
+                f"got shape {x.shape}"
+            )
+        return rows, per_row
+
     def all_to_all(self, x: np.ndarray) -> np.ndarray:
         """Exchange equal blocks: x (size * n, ...) -> y (size * n, ...).
 
         Block r of x (rows r*n:(r+1)*n) goes to rank r; block r of y came from rank r.
         """
         x = _check_array("all_to_all", x)
-        rows, per_row = _rows(x)
-        if x.ndim == 0 or rows % self.size:
-            raise ValueError(
-                f"all_to_all: x must have a leading dimension divisible by size={self.size}, "
-                f"got shape {x.shape}"
-            )
+        rows, per_row = self._equal_blocks("all_to_all", x)
         self._agree("all_to_all", x)
         out = np.empty_like(x)
         self._impl.all_to_all(x, out, (rows // self.size) * per_row)
@@ -221,12 +226,7 @@ class Communicator:
         """x (size * n, ...) -> this rank's block (n, ...) of the all_reduce of x."""
         x = _check_array("reduce_scatter", x)
         op = _check_op("reduce_scatter", op)
-        rows, per_row = _rows(x)
-        if x.ndim == 0 or rows % self.size:
-            raise ValueError(
-                f"reduce_scatter: x must have a leading dimension divisible by size={self.size}, "
-                f"got shape {x.shape}"
-            )
+        rows, per_row = self._equal_blocks("reduce_scatter", x)
         self._agree("reduce_scatter", x, extra=_OPS.index(op))
         out = np.empty((rows // self.size,) + x.shape[1:], dtype=x.dtype)
         self._impl.reduce_scatter(x, out, out.size, op)
