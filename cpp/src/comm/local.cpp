@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 #include "pyswitch/bf16.hpp"
@@ -274,6 +275,14 @@ class LocalGroupState {
     auto everyone_there = [&] {
       return std::all_of(stage.begin(), stage.end(), [&](uint64_t s) { return s >= call.seq; });
     };
+    // Peers usually arrive within microseconds: poll briefly before sleeping on the condition
+    // variable, whose wake-up costs tens of microseconds on every call.
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+    while (!poisoned_ && !everyone_there() && std::chrono::steady_clock::now() < spin_until) {
+      lock.unlock();
+      std::this_thread::yield();
+      lock.lock();
+    }
     const bool ok = cv_.wait_until(lock, deadline, [&] { return poisoned_ || everyone_there(); });
     // A call every rank has reached stands, even if the group failed a moment later.
     if (everyone_there()) return;
