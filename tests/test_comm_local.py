@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import pytest
+from array_utils import assert_bits_equal as _assert_bits_equal
 from bad_input_utils import Case, assert_raises_case, run_cases_in_child
 from hypothesis import given, note
 from hypothesis import strategies as st
@@ -126,16 +127,13 @@ def ref_reduce(xs, op):
     return acc.astype(dtype)  # bfloat16: rounded once
 
 
-def bits(a):
+def raw_bytes(a):
     return np.ascontiguousarray(a).tobytes()
 
 
 def assert_bits_equal(actual, expected, what):
     assert isinstance(actual, np.ndarray), (what, type(actual))
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    if bits(actual) != bits(expected):
-        raise AssertionError(f"{what}: values differ\nactual:   {actual!r}\nexpected: {expected!r}")
+    _assert_bits_equal(actual, expected, what)
 
 
 class Step:
@@ -257,7 +255,9 @@ def check_result(step, rank, result):
 def check_inputs_untouched(step):
     for r, (args, _) in enumerate(step.calls):
         if step.pristine[r] is not None:
-            assert bits(args[0]) == bits(step.pristine[r]), f"{step!r}: rank {r}'s input changed"
+            assert raw_bytes(args[0]) == raw_bytes(step.pristine[r]), (
+                f"{step!r}: rank {r}'s input changed"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def test_float32_sum_is_in_rank_order():
         xs = [np.array([c[r] for c in cols], dtype=np.float32) for r in range(world)]
         expected = ref_reduce(xs, "sum")
         reverse = ref_reduce(xs[::-1], "sum")
-        assert bits(expected) != bits(reverse)  # the data can tell the orders apart
+        assert raw_bytes(expected) != raw_bytes(reverse)  # the data can tell the orders apart
         for op in ("sum", "mean"):
             exp = ref_reduce(xs, op)
             out = LocalGroup(world).run(lambda c, op=op, xs=xs: c.all_reduce(xs[c.rank], op=op))
@@ -491,7 +491,7 @@ def test_integer_mean_is_an_error_or_integer_division(dtype):
         trunc = (np.sign(total) * (np.abs(total) // world)).astype(dtype)
         for y in out:
             assert y.dtype == dtype, y.dtype
-            assert bits(y) == bits(out[0])
+            assert raw_bytes(y) == raw_bytes(out[0])
             assert y.tolist() in (floor.tolist(), trunc.tolist()), (world, total, y)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import reference as ref
+from array_utils import assert_bits_equal, bits
 from bad_input_utils import Case as Bad
 from bad_input_utils import assert_raises_case, run_cases_in_child
 from hypothesis import given
@@ -174,21 +175,6 @@ def ref_dispatch_backward(D, lay, T):
 # ---------------------------------------------------------------------------------------------
 # Comparison helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def bits(a):
-    a = np.ascontiguousarray(a)
-    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
-def assert_bits_equal(got, expected, what):
-    assert got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
-    assert got.shape == expected.shape, (what, got.shape, expected.shape)
-    bad = np.argwhere(bits(got) != bits(expected))
-    assert bad.size == 0, (
-        f"{what}: {len(bad)} elements differ, first at {tuple(bad[0])}: "
-        f"got {got[tuple(bad[0])]!r}, expected {expected[tuple(bad[0])]!r}"
-    )
 
 
 def bf16_ulp(v):

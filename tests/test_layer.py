@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import reference as ref
 import reference_layer as rl
+from array_utils import assert_bits_equal
 from bad_input_utils import Case, assert_raises_case, run_cases_in_child
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
@@ -62,22 +63,6 @@ EXPERT_KEYS = ("w_in", "w_out", "w_gate", "b_in", "b_out")
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def bits(a):
-    a = np.ascontiguousarray(a)
-    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
-def assert_bits_equal(got, expected, what):
-    got, expected = np.asarray(got), np.asarray(expected)
-    assert got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
-    assert got.shape == expected.shape, (what, got.shape, expected.shape)
-    bad = np.argwhere(bits(got) != bits(expected))
-    assert bad.size == 0, (
-        f"{what}: {len(bad)} elements differ, first at {tuple(bad[0])}: "
-        f"got {got[tuple(bad[0])]!r}, expected {expected[tuple(bad[0])]!r}"
-    )
 
 
 def f64(a):
