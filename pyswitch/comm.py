@@ -10,6 +10,26 @@ a mismatch in op, dtype or size raises :class:`pyswitch.CommError` on every rank
 has a timeout (:class:`pyswitch.CommTimeout`); a rank that raises poisons the group, so the
 others raise ``CommError`` instead of waiting. Reductions run in rank order, so every rank gets
 bit-identical results.
+
+Gradient scale under expert x data parallelism
+----------------------------------------------
+An expert-parallel :class:`pyswitch.SwitchFFN` is *one* layer over the global batch (the
+tokens of all ranks). Write the objective as the global one: each rank back-propagates
+``dy = d(global loss)/dy`` for its own tokens, e.g. a cross-entropy averaged over the *global*
+batch (divide by the global token count, not the rank's). Then:
+
+* expert weights (sharded, one owner each): their gradients are complete on the owner. Do not
+  all-reduce, average or rescale them.
+* replicated parameters (the router, attention, embeddings, dense FFNs): each rank holds its
+  tokens' share; :func:`sum_gradients` (all_reduce sum) gives the gradient of the global loss.
+* the layer's ``aux_loss`` / ``z_loss`` are already the global losses (the same on every rank);
+  add them once, not once per rank and then average.
+
+The usual pure data-parallel convention (each rank's loss is the mean over its own tokens, and
+gradients are averaged with :func:`average_gradients`) scales every rank's ``dy`` by ``W``
+relative to this; mixed with expert parallelism it makes expert gradients ``W`` times too large
+and under-weights the auxiliary losses by ``W``. That is the bug class this convention avoids;
+the tests check it against one rank holding everything.
 """
 
 from __future__ import annotations
@@ -305,14 +325,44 @@ class LocalGroup:
         return results
 
 
+def sum_gradients(comm: Communicator, grads: dict, keys=None) -> dict:
+    """Expert x data parallelism: replace each gradient by its sum over the ranks, in place.
+
+    Use it for replicated parameters (the router, dense layers) when each rank back-propagates
+    its share of the *global* loss (see "Gradient scale" in this module's docs): the sum is then
+    the gradient of the global loss. Never for sharded expert weights.
+
+    Parameters
+    ----------
+    comm : Communicator
+    grads : dict of str -> float32 or bfloat16 ndarray
+        Typically ``{"router": layer.grads["router"]}`` (live arrays are updated in place).
+    keys : iterable of str, optional
+        The entries to reduce (default: all, in sorted order so every rank agrees).
+
+    Returns
+    -------
+    dict
+        ``grads`` itself.
+    """
+    return _reduce_gradients(comm, grads, keys, "sum")
+
+
+def _reduce_gradients(comm: Communicator, grads: dict, keys, op: str) -> dict:
+    names = sorted(grads) if keys is None else list(keys)
+    for name in names:
+        g = grads[name]
+        g[...] = comm.all_reduce(np.ascontiguousarray(g), op=op)
+    return grads
+
+
 def average_gradients(comm: Communicator, grads: dict, keys=None) -> dict:
     """Data parallelism: replace each gradient by its mean over the ranks, in place.
 
-    Use it for replicated parameters (the router, dense layers), whose per-rank gradients are
-    each the gradient of that rank's own share of the batch. With the loss of each rank being
-    the mean over its tokens, the mean over ranks is the gradient of the mean over the global
-    batch. Do not use it for expert weights under expert parallelism: each rank owns different
-    experts, and their gradients already cover every token routed to them.
+    Pure data parallelism (no expert-parallel layer), where each rank's loss is the mean over
+    its own tokens and the ranks hold equal shares: the mean over ranks is then the gradient of
+    the mean over the global batch. With expert-parallel layers use the global-loss convention
+    and :func:`sum_gradients` instead (see "Gradient scale" in this module's docs).
 
     Parameters
     ----------
@@ -327,8 +377,4 @@ def average_gradients(comm: Communicator, grads: dict, keys=None) -> dict:
     dict
         ``grads`` itself.
     """
-    names = sorted(grads) if keys is None else list(keys)
-    for name in names:
-        g = grads[name]
-        g[...] = comm.all_reduce(np.ascontiguousarray(g), op="mean")
-    return grads
+    return _reduce_gradients(comm, grads, keys, "mean")

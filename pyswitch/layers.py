@@ -59,17 +59,30 @@ class SwitchFFN:
     init_scale : float
         Truncated-normal init, ``std = sqrt(init_scale / fan_in)``, cut at 2 std.
     seed : int
-    comm : None
-        Expert parallelism is not available in this version; must be None.
+    comm : pyswitch.comm.Communicator, optional
+        Expert parallelism (SPEC section 3): rank r of W holds experts ``[r*E/W, (r+1)*E/W)``
+        (``num_experts % W != 0`` is a ``ValueError``), initialised as those experts are in a
+        one-rank layer of the same seed; the router is replicated. The layer is then one layer
+        over the global batch: every rank calls ``forward`` and ``backward`` (ranks with zero
+        tokens too), ``aux_loss`` / ``z_loss`` are the global losses, ``backward``
+        differentiates the sum over ranks of ``sum(dy * y)`` plus those losses, expert
+        gradients are complete, and the router gradient is this rank's share: sum it over ranks
+        (:func:`pyswitch.comm.sum_gradients`). See "Gradient scale" in
+        :mod:`pyswitch.comm`.
 
     Attributes
     ----------
     params, grads : dict of float32 ndarray
-        ``router`` (d_model, E), ``w_in`` (E, d_model, d_ff), ``w_out`` (E, d_ff, d_model), and
-        ``w_gate`` (geglu), ``b_in`` (E, d_ff), ``b_out`` (E, d_model) when present. Live.
+        ``router`` (d_model, E), ``w_in`` (E_local, d_model, d_ff), ``w_out`` (E_local, d_ff,
+        d_model), and ``w_gate`` (geglu), ``b_in`` (E_local, d_ff), ``b_out`` (E_local, d_model)
+        when present; ``E_local`` is ``num_experts`` on one rank, ``num_experts / W`` under
+        expert parallelism. Live.
     aux_loss, z_loss : float
         Scaled losses of the last forward (0.0 before any).
     last_plan : RoutingPlan or None
+        This rank's routing (its losses are the global ones under expert parallelism).
+    first_expert, local_experts : int
+        The global index of this rank's first expert and how many it holds.
     """
 
     def __init__(
@@ -98,11 +111,17 @@ class SwitchFFN:
         comm=None,
     ):
         where = "SwitchFFN"
+        comm_impl = None
         if comm is not None:
-            raise NotImplementedError(
-                f"{where}: comm (expert parallelism) is not available in this version; "
-                "pass comm=None"
-            )
+            from .comm import Communicator
+
+            if not isinstance(comm, Communicator):
+                raise TypeError(
+                    f"{where}: comm must be a pyswitch.comm.Communicator (from LocalGroup.run or "
+                    f"MPIComm) or None, got {type(comm).__name__}"
+                )
+            comm_impl = comm._impl
+        self.comm = comm
         self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
         self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
         self._impl = _core.SwitchFFN(
@@ -129,9 +148,12 @@ class SwitchFFN:
             _as_factor(where, "jitter_eps", jitter_eps, allow_none=False),
             _as_factor(where, "init_scale", init_scale, allow_none=False),
             _as_seed(where, seed),
+            comm_impl,
         )
         self.params = dict(self._impl.tensors(False))
         self.grads = dict(self._impl.tensors(True))
+        self.first_expert = self._impl.first_expert
+        self.local_experts = self._impl.local_experts
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer.
@@ -139,6 +161,7 @@ class SwitchFFN:
         Parameters
         ----------
         x : ndarray of float32 or bfloat16, shape (T, d_model)
+            T >= 1; under expert parallelism T may differ between ranks and may be 0.
         training : bool
             Jitter, expert dropout and ``capacity_factor`` (else ``eval_capacity_factor``).
 

@@ -770,7 +770,8 @@ PYBIND11_MODULE(_core, m) {
                        const std::string& capacity_rounding, bool normalize_gates,
                        const std::string& activation, bool use_bias, double expert_dropout,
                        const std::string& dtype, double aux_loss_coef, double z_loss_coef,
-                       double jitter_eps, double init_scale, uint64_t seed) {
+                       double jitter_eps, double init_scale, uint64_t seed,
+                       comm::Communicator* communicator) {
              moe::SwitchFFNOptions o;
              o.router.route = route_options(k, capacity_factor, min_capacity, group_size, priority,
                                             capacity_rounding, normalize_gates);
@@ -784,14 +785,17 @@ PYBIND11_MODULE(_core, m) {
              o.dtype = parse_dtype("SwitchFFN", dtype);
              o.aux_loss_coef = aux_loss_coef;
              o.z_loss_coef = z_loss_coef;
-             return std::make_unique<PySwitchFFN>(d_model, d_ff, num_experts, o);
+             return std::make_unique<PySwitchFFN>(d_model, d_ff, num_experts, o, communicator);
            }),
            py::arg("d_model"), py::arg("d_ff"), py::arg("num_experts"), py::arg("k"),
            py::arg("capacity_factor"), py::arg("eval_capacity_factor"), py::arg("min_capacity"),
            py::arg("group_size"), py::arg("priority"), py::arg("capacity_rounding"),
            py::arg("normalize_gates"), py::arg("activation"), py::arg("use_bias"),
            py::arg("expert_dropout"), py::arg("dtype"), py::arg("aux_loss_coef"),
-           py::arg("z_loss_coef"), py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"))
+           py::arg("z_loss_coef"), py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"),
+           py::arg("comm").none(true),
+           // The layer holds the communicator (and through it its group) by pointer.
+           py::keep_alive<1, 22>())
       .def("tensors",
            [](py::object self, bool grads) {
              moe::SwitchFFN& l = self.cast<PySwitchFFN&>().layer;
@@ -799,7 +803,7 @@ PYBIND11_MODULE(_core, m) {
              py::dict out;
              out["router"] =
                  live_view(self, grads ? l.router_weight_grad() : l.router_weight(), {d, E});
-             add_expert_tensors(out, self, l.weights(), grads, {E}, d, l.d_ff());
+             add_expert_tensors(out, self, l.weights(), grads, {l.local_experts()}, d, l.d_ff());
              return out;
            })
       .def("forward",
@@ -824,6 +828,10 @@ PYBIND11_MODULE(_core, m) {
                                if (!w.layer.has_forward()) return py::none();
                                return py::cast(w.layer.plan());  // a copy
                              })
+      .def_property_readonly("first_expert",
+                             [](PySwitchFFN& w) { return w.layer.first_expert(); })
+      .def_property_readonly("local_experts",
+                             [](PySwitchFFN& w) { return w.layer.local_experts(); })
       .def("stats", [](PySwitchFFN& w) {
         std::lock_guard<std::mutex> lock(w.mutex);
         PYSWITCH_CHECK_STATE(w.layer.has_forward(), "SwitchFFN.stats: no forward pass yet");

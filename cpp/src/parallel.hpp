@@ -15,13 +15,8 @@ namespace pyswitch::detail {
 // Calls body(block) for block in [0, num_blocks) on up to get_num_threads() threads. An
 // exception thrown by a body is rethrown here (the first one by block order is not promised;
 // callers that need "first bad row" semantics record it themselves).
-enum class Schedule { uniform, uneven };
-
-// `uneven` hands blocks out one at a time (experts of different sizes); `uniform` splits them
-// evenly up front (cheapest for many equal blocks). Which thread runs a block never changes
-// what the block computes.
 template <typename Body>
-void parallel_for(int64_t num_blocks, Body&& body, Schedule schedule = Schedule::uniform) {
+void parallel_for(int64_t num_blocks, Body&& body) {
   if (num_blocks <= 0) return;
   const int threads = get_num_threads();
   if (threads <= 1 || num_blocks == 1 || omp_in_parallel()) {

@@ -36,7 +36,8 @@ void philox4x32(uint64_t seed, uint64_t stream, uint64_t index, uint32_t out[4])
   for (int i = 0; i < 4; ++i) out[i] = c[i];
 }
 
-void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream) {
+void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream,
+                      int64_t first_index) {
   constexpr double kTwoPi = 6.283185307179586476925286766559;
   detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
     const int64_t end = std::min(n, (b + 1) * kBlock);
@@ -44,7 +45,7 @@ void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t
       // Attempt a of element i uses counter i + a * 2^48: disjoint for any n < 2^48.
       for (uint64_t attempt = 0;; ++attempt) {
         uint32_t w[4];
-        philox4x32(seed, stream, static_cast<uint64_t>(i) + (attempt << 48), w);
+        philox4x32(seed, stream, static_cast<uint64_t>(first_index + i) + (attempt << 48), w);
         const double u1 = (static_cast<double>(w[0] >> 8) + 1.0) / 16777216.0;  // (0, 1]
         const double u2 = static_cast<double>(w[1] >> 8) / 16777216.0;
         const double radius = std::sqrt(-2.0 * std::log(u1));
@@ -63,18 +64,29 @@ void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t
   });
 }
 
-void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream) {
+void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream,
+             int64_t first_index) {
   const float width = hi - lo;
   const cpu::KernelTable& kernels = cpu::active_kernels();
+  // One Philox counter yields 4 values; a start inside a counter takes the head from a
+  // 4-value scratch so that the body runs on whole counters.
+  const int64_t head = std::min<int64_t>(n, (4 - first_index % 4) % 4);
+  if (head > 0) {
+    float quad[4];
+    kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first_index) / 4, 1, lo, width, quad);
+    std::copy_n(quad + first_index % 4, head, out);
+  }
+  out += head;
+  n -= head;
+  const uint64_t first_counter = static_cast<uint64_t>(first_index + head) / 4;
   detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
     const int64_t first = b * kBlock, count = std::min(kBlock, n - first);
     const int64_t whole = count / 4;  // kBlock is a multiple of 4: counters never straddle blocks
-    kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first) / 4, whole, lo, width,
-                           out + first);
+    const uint64_t counter = first_counter + static_cast<uint64_t>(first) / 4;
+    kernels.philox_uniform(seed, stream, counter, whole, lo, width, out + first);
     if (count % 4) {
       float tail[4];
-      kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first) / 4 + whole, 1, lo, width,
-                             tail);
+      kernels.philox_uniform(seed, stream, counter + whole, 1, lo, width, tail);
       std::copy_n(tail, count % 4, out + first + 4 * whole);
     }
   });

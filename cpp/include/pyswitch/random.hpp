@@ -23,10 +23,15 @@ inline float uniform_from_bits(uint32_t word) {
 }
 
 /// Fills n values from a normal(0, std) truncated to [-2 std, 2 std] by resampling (the
-/// paper's initialiser, section 2.4). Deterministic in (seed, stream); multi-threaded.
-void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream);
+/// paper's initialiser, section 2.4). out[i] is value first_index + i of the stream, so a slice
+/// of a tensor (a rank's experts) draws exactly the values of the whole tensor's init.
+/// Deterministic in (seed, stream); multi-threaded.
+void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream,
+                      int64_t first_index = 0);
 
-/// Fills n values uniform in [lo, hi). Deterministic in (seed, stream); multi-threaded.
-void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream);
+/// Fills n values uniform in [lo, hi): out[i] is value first_index + i of the stream.
+/// Deterministic in (seed, stream); multi-threaded.
+void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t stream,
+             int64_t first_index = 0);
 
 }  // namespace pyswitch

@@ -360,6 +360,7 @@ class LocalComm final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return state_->size(); }
   double timeout() const override { return state_->timeout(); }
+  void poison(const std::string& reason) override { state_->poison(reason); }
 
   void all_to_all(const void* send, void* recv, int64_t count, CommDType dtype) override {
     check_count("all_to_all", count);

@@ -95,14 +95,14 @@ void round_weights(const float* src, int64_t n, std::vector<bf16>& out) {
 }  // namespace
 
 ExpertWeights::ExpertWeights(const ExpertShape& s, bool use_bias, double init_scale,
-                             uint64_t seed) {
+                             uint64_t seed, int64_t first_expert) {
   PYSWITCH_CHECK_ARG(std::isfinite(init_scale) && init_scale > 0,
                      "init_scale must be finite and > 0, got ", init_scale);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
   auto init = [&](std::vector<float>& out, int64_t n, int64_t fan_in, uint64_t stream) {
     out.resize(static_cast<size_t>(n));
     truncated_normal(out.data(), n, std::sqrt(init_scale / static_cast<double>(fan_in)), seed,
-                     kStreamInit + stream);
+                     kStreamInit + stream, first_expert * d * f);
   };
   init(w_in_, E * d * f, d, 1);
   init(w_out_, E * f * d, f, 2);
@@ -191,7 +191,7 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
         }
         if (drop) {
           for (int64_t i = 0; i < w.rows * f; ++i) {
-            hidden[i] *= dropout_scale(c.dropout, w.first * f + i);
+            hidden[i] *= dropout_scale(c.dropout, (c.dropout.first_row + w.first) * f + i);
           }
         }
         const void* hidden_operand = hidden;
@@ -214,8 +214,7 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
           }
         }
         store_block(yb, dtype, at(y, dtype, w.first * d), w.rows * d);
-      },
-      detail::Schedule::uneven);
+      });
 }
 
 void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
@@ -263,7 +262,7 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
                             at(w_out, dtype, w.expert * f * d), d, 0.0f, dp,
                             f);  // d_hidden, in place
         if (drop) {
-          for (int64_t i = 0; i < n; ++i) dp[i] *= dropout_scale(c.dropout, w.first * f + i);
+          for (int64_t i = 0; i < n; ++i) dp[i] *= dropout_scale(c.dropout, (c.dropout.first_row + w.first) * f + i);
         }
         const float* pre = c.pre.data() + w.first * f;
         if (geglu) {
@@ -297,8 +296,7 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
                               at(w_gate, dtype, w.expert * d * f), f, 1.0f, dx_block.data(), d);
         }
         store_block(dx_block.data(), dtype, at(dx, dtype, w.first * d), w.rows * d);
-      },
-      detail::Schedule::uneven);
+      });
 
   // Weight gradients: per expert, reductions over its rows (K = rows), split over output rows.
   const int64_t d_blocks = detail::ceil_div(d, kRowBlock);
@@ -324,8 +322,7 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
                               f, at(dy, dtype, first * d), d, 0.0f, g.w_out + e * f * d + m0 * d,
                               d);
         }
-      },
-      detail::Schedule::uneven);
+      });
 
   // Bias gradients: column sums in row order.
   std::vector<float> dy_row(static_cast<size_t>(d));

@@ -158,8 +158,17 @@ RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions&
     if (bad >= 0) throw_nonfinite("route", logits, E, bad);
   }
 
+  // Group by group, so that expert parallelism (one group per rank) adds the same partial sums.
   double z_total = 0;
-  for (double z : unit_z) z_total += z;
+  for (int64_t g = 0; g < G; ++g) {
+    double group_z = 0;
+    for (int64_t u = g * units_per_group; u < (g + 1) * units_per_group; ++u) {
+      group_z += unit_z[static_cast<size_t>(u)];
+    }
+    z_total += group_z;
+  }
+  plan.z_sum = z_total;
+  plan.loss_tokens = T;
   plan.z_loss = z_total / static_cast<double>(T);
 
   if (o.normalize_gates) {
@@ -233,6 +242,8 @@ RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions&
     }
     aux += static_cast<double>(E) * group_sum;
   }
+  plan.aux_sum = aux;
+  plan.loss_groups = G;
   plan.aux_loss = aux / static_cast<double>(G);
   return plan;
 }
@@ -250,7 +261,11 @@ void softmax_rows(const float* logits, int64_t T, int64_t E, float* probs) {
 void route_backward(const float* logits, const RoutingPlan& plan, const float* d_gate,
                     double aux_coef, double z_coef, float* d_logits) {
   const int64_t T = plan.num_tokens, E = plan.num_experts, k = plan.k;
-  const int64_t S = plan.group_size, G = plan.num_groups;
+  const int64_t S = plan.group_size;
+  // The losses average over these counts: this plan's own, or the global ones under expert
+  // parallelism.
+  const int64_t G = plan.loss_groups > 0 ? plan.loss_groups : plan.num_groups;
+  const int64_t loss_tokens = plan.loss_tokens > 0 ? plan.loss_tokens : T;
   const cpu::KernelTable& kernels = cpu::active_kernels();
   detail::parallel_for(detail::ceil_div(T, kRowBlock), [&](int64_t b) {
     const int64_t first = b * kRowBlock;
@@ -302,7 +317,7 @@ void route_backward(const float* logits, const RoutingPlan& plan, const float* d
         for (int64_t i = 0; i < E; ++i) sum += std::exp(static_cast<double>(row[i]) - mx);
         lse = mx + std::log(sum);
       }
-      const double z_scale = z_coef * 2.0 * lse / static_cast<double>(T);
+      const double z_scale = z_coef * 2.0 * lse / static_cast<double>(loss_tokens);
       float* out = d_logits + t * E;
       for (int64_t i = 0; i < E; ++i) {
         const double pi = p[i];
@@ -348,6 +363,25 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
 const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool training) {
   PYSWITCH_CHECK_ARG(T >= 1, "Router.forward: x must have at least one token row, got shape (", T,
                      ", ", d_model_, ")");
+  return forward_shard(x, dtype, T, training, 0);
+}
+
+void Router::set_global_losses(int64_t groups, int64_t tokens, double aux_sum, double z_sum) {
+  PYSWITCH_CHECK_STATE(has_forward_, "Router.set_global_losses: no forward pass yet");
+  PYSWITCH_CHECK_ARG(groups >= 1 && tokens >= 1, "Router.set_global_losses: groups and tokens ",
+                     "must be >= 1, got ", groups, " and ", tokens);
+  plan_.loss_groups = groups;
+  plan_.loss_tokens = tokens;
+  plan_.aux_sum = aux_sum;
+  plan_.z_sum = z_sum;
+  plan_.aux_loss = aux_sum / static_cast<double>(groups);
+  plan_.z_loss = z_sum / static_cast<double>(tokens);
+}
+
+const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, bool training,
+                                         int64_t first_token) {
+  PYSWITCH_CHECK_ARG(T >= 0 && first_token >= 0, "Router.forward: token counts must be >= 0, got ",
+                     T, " tokens from token ", first_token);
   const int64_t n = T * d_model_;
   has_forward_ = false;
   x_used_.resize(static_cast<size_t>(n));
@@ -355,8 +389,22 @@ const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool t
   if (jitter_active_) {
     jitter_.resize(static_cast<size_t>(n));
     const float eps = static_cast<float>(options_.jitter_eps);
+    // The step counter advances on every rank, tokens or not, so that ranks stay in step.
     uniform(jitter_.data(), n, 1.0f - eps, 1.0f + eps, options_.seed,
-            kStreamJitter + training_steps_++);
+            kStreamJitter + training_steps_++, first_token * d_model_);
+  }
+  if (T == 0) {
+    const RouteOptions& o = options_.route;
+    plan_ = RoutingPlan{};
+    plan_.num_experts = num_experts_;
+    plan_.k = o.k;
+    plan_.group_size = o.group_size;
+    plan_.normalize_gates = o.normalize_gates;
+    plan_.tokens_per_expert.assign(static_cast<size_t>(num_experts_), 0);
+    logits_.clear();
+    x_dtype_ = dtype;
+    has_forward_ = true;
+    return plan_;
   }
   // The float32 router input (selective precision), times the jitter, in one parallel pass.
   constexpr int64_t kBlock = 1 << 14;
@@ -389,6 +437,10 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
                        "Router.backward: no forward pass to differentiate; call "
                        "forward(x) first");
   const int64_t T = plan_.num_tokens, E = num_experts_, d = d_model_;
+  if (T == 0) {  // an expert-parallel rank without tokens: its share of the gradient is zero
+    std::fill(weight_grad_.begin(), weight_grad_.end(), 0.0f);
+    return;
+  }
   std::vector<float> d_logits(static_cast<size_t>(T * E));
   route_backward(logits_.data(), plan_, d_gate, aux_coef, z_coef, d_logits.data());
   detail::sgemm(true, false, d, E, T, 1.0f, x_used_.data(), d, d_logits.data(), E, 0.0f,

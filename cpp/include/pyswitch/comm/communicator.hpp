@@ -61,6 +61,11 @@ class Communicator {
   virtual void broadcast(void* buffer, int64_t count, CommDType dtype, int root) = 0;
 
   virtual void barrier() = 0;
+
+  /// Marks the group failed, as when this rank's work fails outside a collective: peers waiting
+  /// in, or later entering, a collective throw CommError whose message includes `reason`, and so
+  /// does this rank's next call. Never blocks; the first reason is kept.
+  virtual void poison(const std::string& reason) = 0;
 };
 
 }  // namespace pyswitch::comm

@@ -53,10 +53,15 @@ struct ExpertGrads {
 /// the layout of ExpertParams. Initialised truncated-normal with std = sqrt(init_scale / fan_in)
 /// cut at 2 std (fan_in = d_model for w_in and w_gate, d_ff for w_out); biases start at zero.
 /// Accessors return live pointers (null for an absent tensor). Not thread-safe.
+///
+/// Under expert parallelism a rank holds experts [first_expert, first_expert + E) of a layer;
+/// they are initialised with exactly the values those experts get in a one-rank layer of the
+/// same seed (the init streams are indexed by global expert).
 class ExpertWeights {
  public:
   /// Throws InvalidArgument for init_scale that is not finite and positive.
-  ExpertWeights(const ExpertShape& shape, bool use_bias, double init_scale, uint64_t seed);
+  ExpertWeights(const ExpertShape& shape, bool use_bias, double init_scale, uint64_t seed,
+                int64_t first_expert = 0);
 
   float* w_in() { return w_in_.data(); }
   float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
@@ -77,12 +82,14 @@ class ExpertWeights {
 };
 
 /// Inverted dropout on the hidden activation (training only): element (row, j) is kept unless
-/// the Philox draw for (seed, stream, row * d_ff + j) is below `rate`; kept values are scaled by
-/// 1 / (1 - rate). rate 0 disables it.
+/// the Philox draw for (seed, stream, (first_row + row) * d_ff + j) is below `rate`; kept values
+/// are scaled by 1 / (1 - rate). rate 0 disables it. first_row places a rank's expert buffer
+/// inside the one-rank layer's buffer, so expert parallelism draws the same masks.
 struct DropoutSpec {
   double rate = 0.0;
   uint64_t seed = 0;
   uint64_t stream = 0;
+  int64_t first_row = 0;
 };
 
 /// What the backward pass needs from the forward. Filled by experts_forward.

@@ -45,8 +45,17 @@ struct RoutingPlan {
   int64_t num_groups = 0;  ///< G = T / S
   int64_t capacity = 0;    ///< C, rows per expert per group; dropless: the largest count
   int64_t dropped = 0;     ///< assignments past capacity
-  double aux_loss = 0;     ///< unscaled load-balancing loss
-  double z_loss = 0;       ///< unscaled router z-loss
+  double aux_loss = 0;     ///< unscaled load-balancing loss: aux_sum / loss_groups
+  double z_loss = 0;       ///< unscaled router z-loss: z_sum / loss_tokens
+  /// The sums behind the losses: aux_sum adds the groups' E * sum_i f_i P_i in group order,
+  /// z_sum adds each group's sum of lse^2 in group order. Expert parallelism adds the ranks'
+  /// sums in rank order, which is the same sequence of additions as one rank routing all the
+  /// groups, and sets loss_groups / loss_tokens to the global counts (route_backward divides by
+  /// them), so global losses and their gradients are bit-identical to the one-rank layer.
+  double aux_sum = 0;
+  double z_sum = 0;
+  int64_t loss_groups = 0;  ///< groups the aux loss averages over (G on one rank)
+  int64_t loss_tokens = 0;  ///< tokens the z-loss averages over (T on one rank)
   bool normalize_gates = false;
   std::vector<int32_t> expert_index;        ///< (T, k), descending probability
   std::vector<float> gate;                  ///< (T, k), exactly 0 where dropped
@@ -128,6 +137,18 @@ class Router {
   /// x: (T, d_model), float32 or bfloat16, C-contiguous. Returns the plan, owned by the router
   /// and valid until the next forward. Throws InvalidArgument for T < 1.
   const RoutingPlan& forward(const void* x, DType dtype, int64_t num_tokens, bool training);
+
+  /// Expert parallelism: this rank's share of a global batch. first_token is the global index
+  /// of x's first row; the jitter draws are indexed by global element, so they equal the draws
+  /// of a one-rank router over the whole batch. num_tokens may be 0 (a rank with no tokens still
+  /// takes part): the plan is then empty. Throws InvalidArgument for negative sizes.
+  const RoutingPlan& forward_shard(const void* x, DType dtype, int64_t num_tokens, bool training,
+                                   int64_t first_token);
+
+  /// Makes the last plan's losses the global ones of an expert-parallel layer: aux_loss =
+  /// aux_sum / groups and z_loss = z_sum / tokens, where the sums are the ranks' plan sums added
+  /// in rank order; backward() then differentiates the global losses.
+  void set_global_losses(int64_t groups, int64_t tokens, double aux_sum, double z_sum);
 
   /// d_gate: (T, k) float32. dx: (T, d_model) in the dtype of the forward's x, written.
   /// Writes weight_grad(). Throws Error when no forward preceded it.

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "pyswitch/comm/communicator.hpp"
 #include "pyswitch/moe/dispatch.hpp"
 #include "pyswitch/moe/expert.hpp"
 #include "pyswitch/moe/router.hpp"
@@ -31,31 +32,54 @@ struct SwitchStats {
   double router_entropy = 0;               ///< mean over tokens of -sum p log p (nats)
 };
 
-/// A Switch FFN layer on one rank holding all experts.
+/// A Switch FFN layer: on one rank holding all experts, or expert-parallel over a communicator.
 ///
 /// Parameters are float32 and owned by the layer; the accessors return live pointers:
-/// router (d_model, E) and, through weights(), w_in (E, d_model, d_ff), w_gate (E, d_model,
-/// d_ff; geglu only, else null), w_out (E, d_ff, d_model), b_in (E, d_ff) and b_out
-/// (E, d_model) (use_bias only, else null). Gradients have the same layout and are written by
-/// backward().
+/// router (d_model, E) and, through weights(), w_in (E_local, d_model, d_ff), w_gate (E_local,
+/// d_model, d_ff; geglu only, else null), w_out (E_local, d_ff, d_model), b_in (E_local, d_ff)
+/// and b_out (E_local, d_model) (use_bias only, else null). Gradients have the same layout and
+/// are written by backward().
+///
+/// Expert parallelism (SPEC section 3), when `comm` is given: rank r of W holds experts
+/// [r*E/W, (r+1)*E/W) (E_local = E/W; E % W != 0 is InvalidArgument), initialised with exactly
+/// the values a one-rank layer of the same seed gives those experts; the router is replicated.
+/// Each rank routes its own tokens as its own group(s), exchanges per-expert counts, sends the
+/// tokens to the experts' owners (all_to_all_v, in the compute dtype), runs its experts on rows
+/// laid out expert by expert and, within an expert, in rank order (the one-rank layer's order),
+/// sends the outputs back and combines; backward mirrors it. The layer is then one layer over
+/// the global batch: aux_loss() and z_loss() are the global losses (the same on every rank),
+/// backward() differentiates sum over all ranks of sum(dy * y) + aux_loss() + z_loss(), expert
+/// gradients are complete, and the router gradient is this rank's share: add the ranks' router
+/// gradients (all_reduce sum) to get the gradient of the global objective. Against one rank
+/// with all experts and group_size = tokens per rank, outputs, losses, input and expert
+/// gradients are bit-identical in float32. Every rank must call forward and backward, with
+/// matching training flags, including ranks with zero tokens (T = 0 is allowed here only).
+/// A failure inside the exchange poisons the communicator (peers throw CommError). The
+/// communicator is not owned and must outlive the layer.
 /// Not thread-safe: one call at a time per layer (calls are multi-threaded inside).
 class SwitchFFN {
  public:
-  /// Throws InvalidArgument for sizes < 1, bad routing options or dropout outside [0, 1).
-  SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts, const SwitchFFNOptions& options);
+  /// Throws InvalidArgument for sizes < 1, bad routing options, dropout outside [0, 1), or
+  /// num_experts not divisible by comm->size().
+  SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts, const SwitchFFNOptions& options,
+            comm::Communicator* comm = nullptr);
 
   int64_t d_model() const { return shape_.d_model; }
   int64_t d_ff() const { return shape_.d_ff; }
-  int64_t num_experts() const { return shape_.num_experts; }
+  int64_t num_experts() const { return num_experts_; }      ///< E, all ranks together
+  int64_t local_experts() const { return shape_.num_experts; }  ///< E / world size
+  int64_t first_expert() const { return first_expert_; }
   const SwitchFFNOptions& options() const { return options_; }
+  comm::Communicator* communicator() const { return comm_; }
 
   float* router_weight() { return router_.weight(); }
   float* router_weight_grad() { return router_.weight_grad(); }
-  /// The experts' parameters and gradients (live).
+  /// This rank's experts' parameters and gradients (live).
   ExpertWeights& weights() { return weights_; }
 
-  /// x: (T, d_model) of x_dtype (float32 or bfloat16), T >= 1. y: (T, d_model) of x_dtype,
-  /// written. Uses capacity_factor when training, else eval_capacity_factor.
+  /// x: (T, d_model) of x_dtype (float32 or bfloat16), T >= 1 (T >= 0 under expert
+  /// parallelism). y: (T, d_model) of x_dtype, written. Uses capacity_factor when training, else
+  /// eval_capacity_factor.
   void forward(const void* x, DType x_dtype, int64_t num_tokens, bool training, void* y);
 
   /// dy: (T, d_model) of the forward's x dtype. dx: the same shape and dtype, written.
@@ -66,20 +90,41 @@ class SwitchFFN {
   double aux_loss() const { return options_.aux_loss_coef * plan().aux_loss; }  ///< scaled
   double z_loss() const { return options_.z_loss_coef * plan().z_loss; }        ///< scaled
   bool has_forward() const { return has_forward_; }
-  /// The plan of the last forward. Throws Error before the first forward.
+  /// The plan of the last forward (this rank's tokens). Throws Error before the first forward.
   const RoutingPlan& plan() const;
   DType forward_dtype() const { return x_dtype_; }
   int64_t forward_tokens() const { return tokens_; }
+  /// Statistics of this rank's tokens in the last forward.
   SwitchStats stats() const;
 
  private:
-  ExpertShape shape_;
+  // Expert parallelism: the exchange plan of the last forward, in rows.
+  struct Exchange {
+    std::vector<int64_t> counts;  // (W, E): rows rank w routed to expert e (after capacity)
+    std::vector<int64_t> send_rows, recv_rows;  // (W): rows to / from each rank
+    std::vector<int64_t> local_offsets;         // (E_local + 1): the expert-major buffer
+    int64_t first_row = 0;  // rows of experts before first_expert_ in the one-rank buffer
+  };
+  void exchange_counts();
+  void exchange_rows(const void* send, void* recv, bool to_owners);
+  void permute_rows(const void* from, void* to, bool to_expert_major) const;
+  void forward_experts(DropoutSpec dropout);
+  void backward_experts();
+
+  ExpertShape shape_;  // this rank's experts
+  int64_t num_experts_;
   SwitchFFNOptions options_;
+  comm::Communicator* comm_ = nullptr;
+  int64_t first_expert_ = 0;
   Router router_;
   ExpertWeights weights_;
+  Exchange exchange_;
   // State of the last forward, kept for backward.
   DispatchLayout layout_;
-  std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype
+  std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype, this rank's
+  std::vector<char> expert_in_, expert_result_;  // expert parallelism: the local experts' rows
+  std::vector<char> wire_;         // expert parallelism: rows in rank order
+  std::vector<char> d_expert_in_;  // expert parallelism: backward of expert_in_
   ExpertCache cache_;
   // Backward workspaces, kept between steps (their pages are touched once).
   std::vector<char> d_expert_out_, d_buffer_, dx_experts_, dx_router_;
