@@ -269,6 +269,88 @@ class Communicator:
         self._impl.barrier()
 
 
+def _check_timeout(where: str, timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{where}: timeout must be a number, got {timeout!r}")
+    if not (timeout > 0 and np.isfinite(timeout)):
+        raise ValueError(f"{where}: timeout must be finite and > 0 seconds, got {timeout}")
+    return float(timeout)
+
+
+class MPIComm(Communicator):
+    """The MPI backend: this process's rank of an MPI communicator (``mpiexec -n N python ...``).
+
+    Needs mpi4py and an MPICH-compatible MPI library (``pip install 'pyswitch[mpi]'`` installs
+    the ``mpich`` and ``mpi4py`` wheels). ``import pyswitch`` never needs them; only this class
+    does. Results are bit-identical to :class:`LocalGroup`'s (reductions in rank order).
+
+    Parameters
+    ----------
+    mpi4py_comm : mpi4py.MPI.Comm, optional
+        The group (default ``MPI.COMM_WORLD``). It is duplicated, so pyswitch's messages never
+        mix with the application's. Collective: every rank of it must construct ``MPIComm``.
+    timeout : float
+        Seconds any collective may wait (default 30).
+
+    Notes
+    -----
+    A rank that raises outside a collective must tell the others, or they wait for the
+    timeout: run the rank's work through :meth:`run`, or call ``comm.poison(reason)``. After a
+    ``CommError`` the MPI job cannot continue reliably (MPI cannot cancel a started collective):
+    end it, e.g. with ``MPI.COMM_WORLD.Abort(1)``. pyswitch never aborts the job itself.
+    """
+
+    def __init__(self, mpi4py_comm=None, *, timeout: float = 30.0):
+        where = "MPIComm"
+        timeout = _check_timeout(where, timeout)
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ImportError(
+                f"{where} needs mpi4py and an MPI library; install them with "
+                "pip install 'pyswitch[mpi]' (the mpich and mpi4py wheels)"
+            ) from exc
+        try:
+            from . import _mpi
+        except ImportError as exc:
+            raise ImportError(
+                f"{where}: the MPI backend pyswitch._mpi could not be loaded ({exc}); this build "
+                "has no MPI backend, or its MPI library (libmpi.so.12, MPICH ABI) is missing: "
+                "pip install 'pyswitch[mpi]'"
+            ) from exc
+        comm = MPI.COMM_WORLD if mpi4py_comm is None else mpi4py_comm
+        if not isinstance(comm, MPI.Comm):
+            raise TypeError(
+                f"{where}: mpi4py_comm must be an mpi4py.MPI.Comm, got {type(comm).__name__}"
+            )
+        if comm == MPI.COMM_NULL:
+            raise ValueError(f"{where}: mpi4py_comm must be a valid communicator, got COMM_NULL")
+        ours = _mpi.library_version().strip()
+        theirs = MPI.Get_library_version().strip().splitlines()[0].strip()
+        if ours.split()[:3] != theirs.split()[:3]:
+            raise _core.Error(
+                f"{where}: mpi4py runs on '{theirs}' but pyswitch's MPI backend loaded "
+                f"'{ours}'; both must use the same MPI library"
+            )
+        impl = _mpi.MPIComm(comm.py2f(), timeout)
+        super().__init__(impl, impl.poison)
+        self.mpi4py_comm = comm
+
+    def poison(self, reason: str) -> None:
+        """Tell every other rank that this one failed: their collectives raise ``CommError``."""
+        self._impl.poison(str(reason))
+
+    def run(self, fn):
+        """Call ``fn(self)`` and return its result; if it raises, poison the group (so the other
+        ranks raise ``CommError`` at once instead of waiting for the timeout) and re-raise."""
+        try:
+            return fn(self)
+        except BaseException as exc:
+            if not isinstance(exc, CommError):
+                self.poison(f"rank {self.rank} raised {type(exc).__name__}: {exc}")
+            raise
+
+
 class LocalGroup:
     """``world_size`` ranks as threads of this process (the embedded default backend).
 
@@ -284,11 +366,7 @@ class LocalGroup:
         self.world_size = _as_int("LocalGroup", "world_size", world_size)
         if self.world_size < 1:
             raise ValueError(f"LocalGroup: world_size must be >= 1, got {self.world_size}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"LocalGroup: timeout must be a number, got {timeout!r}")
-        if not (timeout > 0 and np.isfinite(timeout)):
-            raise ValueError(f"LocalGroup: timeout must be finite and > 0 seconds, got {timeout}")
-        self.timeout = float(timeout)
+        self.timeout = _check_timeout("LocalGroup", timeout)
 
     def run(self, fn) -> list:
         """Call ``fn(comm)`` on every rank, each in its own thread; return the results by rank.

@@ -871,6 +871,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rank", &comm::Communicator::rank)
       .def_property_readonly("size", &comm::Communicator::size)
       .def_property_readonly("timeout", &comm::Communicator::timeout)
+      .def("poison", &comm::Communicator::poison, py::arg("reason"))
       .def("all_to_all",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count) {
              const auto dt = comm_dtype_of("all_to_all", "x", send);

@@ -12,190 +12,11 @@
 #include <thread>
 #include <vector>
 
+#include "comm/common.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/error.hpp"
 
 namespace pyswitch::comm {
-
-int64_t comm_dtype_size(CommDType dtype) {
-  switch (dtype) {
-    case CommDType::float32:
-    case CommDType::int32:
-      return 4;
-    case CommDType::bfloat16:
-      return 2;
-    case CommDType::int64:
-      return 8;
-  }
-  return 0;
-}
-
-const char* comm_dtype_name(CommDType dtype) {
-  switch (dtype) {
-    case CommDType::float32:
-      return "float32";
-    case CommDType::bfloat16:
-      return "bfloat16";
-    case CommDType::int32:
-      return "int32";
-    case CommDType::int64:
-      return "int64";
-  }
-  return "unknown";
-}
-
-const char* reduce_op_name(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::sum:
-      return "sum";
-    case ReduceOp::max:
-      return "max";
-    case ReduceOp::min:
-      return "min";
-    case ReduceOp::mean:
-      return "mean";
-  }
-  return "unknown";
-}
-
-namespace {
-
-enum class Op {
-  all_to_all,
-  all_to_all_v,
-  all_reduce,
-  all_gather,
-  reduce_scatter,
-  broadcast,
-  barrier
-};
-
-const char* op_name(Op op) {
-  switch (op) {
-    case Op::all_to_all:
-      return "all_to_all";
-    case Op::all_to_all_v:
-      return "all_to_all_v";
-    case Op::all_reduce:
-      return "all_reduce";
-    case Op::all_gather:
-      return "all_gather";
-    case Op::reduce_scatter:
-      return "reduce_scatter";
-    case Op::broadcast:
-      return "broadcast";
-    case Op::barrier:
-      return "barrier";
-  }
-  return "unknown";
-}
-
-// What one rank posted for one call.
-struct Call {
-  uint64_t seq = 0;
-  Op op = Op::barrier;
-  CommDType dtype = CommDType::float32;
-  ReduceOp reduce = ReduceOp::sum;
-  int64_t count = 0;
-  int root = 0;
-  const void* send = nullptr;
-  void* recv = nullptr;
-  const int64_t* send_counts = nullptr;
-  const int64_t* send_displs = nullptr;
-  const int64_t* recv_counts = nullptr;
-  const int64_t* recv_displs = nullptr;
-};
-
-// Reduction of element i of every rank's buffer, in rank order, accumulated in T.
-template <typename T>
-T combine(T a, T b, ReduceOp op) {
-  switch (op) {
-    case ReduceOp::max:
-      return b > a ? b : a;
-    case ReduceOp::min:
-      return b < a ? b : a;
-    default:
-      return a + b;
-  }
-}
-
-// Integers wrap around (two's complement) instead of overflowing into undefined behaviour.
-template <typename T, typename U>
-T add_wrapping(T a, T b) {
-  return static_cast<T>(static_cast<U>(a) + static_cast<U>(b));
-}
-
-// dst[i] for i in [first, first + n) = reduction over ranks of sources[r][i].
-void reduce_range(const std::vector<const void*>& sources, const std::vector<void*>& outputs,
-                  int64_t first, int64_t n, CommDType dtype, ReduceOp op) {
-  const int W = static_cast<int>(sources.size());
-  constexpr int64_t kBlock = 1024;
-  float acc_f[kBlock];
-  int64_t acc_i[kBlock];
-  for (int64_t b = first; b < first + n; b += kBlock) {
-    const int64_t m = std::min(kBlock, first + n - b);
-    switch (dtype) {
-      case CommDType::float32:
-      case CommDType::bfloat16: {
-        auto load = [&](int r, int64_t i) {
-          return dtype == CommDType::float32
-                     ? static_cast<const float*>(sources[r])[i]
-                     : bf16_to_float(static_cast<const bf16*>(sources[r])[i]);
-        };
-        for (int64_t i = 0; i < m; ++i) acc_f[i] = load(0, b + i);
-        for (int r = 1; r < W; ++r) {
-          for (int64_t i = 0; i < m; ++i) acc_f[i] = combine(acc_f[i], load(r, b + i), op);
-        }
-        if (op == ReduceOp::mean) {
-          for (int64_t i = 0; i < m; ++i) acc_f[i] = acc_f[i] / static_cast<float>(W);
-        }
-        for (void* out : outputs) {
-          for (int64_t i = 0; i < m; ++i) {
-            if (dtype == CommDType::float32) {
-              static_cast<float*>(out)[b + i] = acc_f[i];
-            } else {
-              static_cast<bf16*>(out)[b + i] = float_to_bf16(acc_f[i]);
-            }
-          }
-        }
-        break;
-      }
-      case CommDType::int32:
-      case CommDType::int64: {
-        auto load = [&](int r, int64_t i) -> int64_t {
-          return dtype == CommDType::int32 ? static_cast<const int32_t*>(sources[r])[i]
-                                           : static_cast<const int64_t*>(sources[r])[i];
-        };
-        for (int64_t i = 0; i < m; ++i) acc_i[i] = load(0, b + i);
-        for (int r = 1; r < W; ++r) {
-          for (int64_t i = 0; i < m; ++i) {
-            const int64_t v = load(r, b + i);
-            if (op == ReduceOp::sum) {
-              acc_i[i] = dtype == CommDType::int32
-                             ? add_wrapping<int32_t, uint32_t>(static_cast<int32_t>(acc_i[i]),
-                                                               static_cast<int32_t>(v))
-                             : add_wrapping<int64_t, uint64_t>(acc_i[i], v);
-            } else {
-              acc_i[i] = combine(acc_i[i], v, op);
-            }
-          }
-        }
-        for (void* out : outputs) {
-          for (int64_t i = 0; i < m; ++i) {
-            if (dtype == CommDType::int32) {
-              static_cast<int32_t*>(out)[b + i] = static_cast<int32_t>(acc_i[i]);
-            } else {
-              static_cast<int64_t*>(out)[b + i] = acc_i[i];
-            }
-          }
-        }
-        break;
-      }
-    }
-  }
-}
-
-}  // namespace
 
 class LocalGroupState {
  public:
@@ -306,38 +127,8 @@ class LocalGroupState {
 
   // Every rank checks every posted call against rank 0's, so all ranks throw together.
   void check_agreement(const Call& mine, int rank) {
-    const Call& first = calls_[0];
-    for (int r = 0; r < world_size_; ++r) {
-      const Call& c = calls_[static_cast<size_t>(r)];
-      std::string problem;
-      if (c.op != first.op) {
-        problem = detail::concat("rank 0 called ", op_name(first.op), " but rank ", r, " called ",
-                                 op_name(c.op));
-      } else if (c.dtype != first.dtype) {
-        problem = detail::concat("rank 0 passed ", comm_dtype_name(first.dtype), " but rank ", r,
-                                 " passed ", comm_dtype_name(c.dtype));
-      } else if (c.op != Op::all_to_all_v && c.count != first.count) {
-        problem = detail::concat("rank 0 passed count ", first.count, " but rank ", r,
-                                 " passed count ", c.count);
-      } else if (c.reduce != first.reduce &&
-                 (c.op == Op::all_reduce || c.op == Op::reduce_scatter)) {
-        problem = detail::concat("rank 0 passed op ", reduce_op_name(first.reduce), " but rank ", r,
-                                 " passed op ", reduce_op_name(c.reduce));
-      } else if (c.root != first.root && c.op == Op::broadcast) {
-        problem = detail::concat("rank 0 passed root ", first.root, " but rank ", r,
-                                 " passed root ", c.root);
-      } else if (c.op == Op::all_to_all_v) {
-        for (int q = 0; q < world_size_ && problem.empty(); ++q) {
-          const int64_t sent = c.send_counts[q];
-          const int64_t expected = calls_[static_cast<size_t>(q)].recv_counts[r];
-          if (sent != expected) {
-            problem = detail::concat("rank ", r, " sends ", sent, " elements to rank ", q,
-                                     ", which expects ", expected);
-          }
-        }
-      }
-      if (!problem.empty()) fail(mine, rank, problem, false);
-    }
+    const std::string problem = call_disagreement(calls_);
+    if (!problem.empty()) fail(mine, rank, problem, false);
   }
 
   const int world_size_;
@@ -380,12 +171,7 @@ class LocalComm final : public Communicator {
   void all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
                     void* recv, const int64_t* recv_counts, const int64_t* recv_displs,
                     CommDType dtype) override {
-    for (int q = 0; q < size(); ++q) {
-      PYSWITCH_CHECK_ARG(
-          send_counts[q] >= 0 && recv_counts[q] >= 0 && send_displs[q] >= 0 && recv_displs[q] >= 0,
-          "all_to_all_v: counts and displacements must be >= 0, got send_counts[", q,
-          "]=", send_counts[q], " recv_counts[", q, "]=", recv_counts[q]);
-    }
+    check_v_counts(size(), send_counts, send_displs, recv_counts, recv_displs);
     const int64_t es = comm_dtype_size(dtype);
     Call c = make(Op::all_to_all_v, dtype, 0);
     c.send = send;
@@ -488,15 +274,6 @@ class LocalComm final : public Communicator {
     c.count = count;
     return c;
   }
-  static void check_count(const char* where, int64_t count) {
-    PYSWITCH_CHECK_ARG(count >= 0, where, ": count must be >= 0, got ", count);
-  }
-  static void check_mean(const char* where, CommDType dtype, ReduceOp op) {
-    PYSWITCH_CHECK_ARG(
-        !(op == ReduceOp::mean && (dtype == CommDType::int32 || dtype == CommDType::int64)), where,
-        ": op 'mean' needs a floating dtype, got ", comm_dtype_name(dtype));
-  }
-
   std::shared_ptr<LocalGroupState> state_;
   int rank_;
   uint64_t seq_ = 0;

@@ -451,7 +451,27 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
     dx_f32.resize(static_cast<size_t>(T * d));
     dx_out = dx_f32.data();
   }
-  detail::sgemm(false, true, T, d, E, 1.0f, d_logits.data(), E, weight_.data(), E, 0.0f, dx_out, d);
+  // dx = d_logits W^T row by row, adding the experts in index order: a row's bits must not
+  // depend on which rows share the call (a GEMM library picks kernels by the number of rows, and
+  // expert parallelism splits the rows differently from one rank). K = E is small, so this costs
+  // about as much as the logits GEMM.
+  std::vector<float> weight_t(static_cast<size_t>(E * d));
+  for (int64_t j = 0; j < d; ++j) {
+    for (int64_t e = 0; e < E; ++e) weight_t[static_cast<size_t>(e * d + j)] = weight_[static_cast<size_t>(j * E + e)];
+  }
+  constexpr int64_t kRows = 32;
+  detail::parallel_for(detail::ceil_div(T, kRows), [&](int64_t b) {
+    const int64_t end = std::min(T, (b + 1) * kRows);
+    for (int64_t t = b * kRows; t < end; ++t) {
+      float* out = dx_out + t * d;
+      std::fill(out, out + d, 0.0f);
+      for (int64_t e = 0; e < E; ++e) {
+        const float g = d_logits[static_cast<size_t>(t * E + e)];
+        const float* w = weight_t.data() + e * d;
+        for (int64_t j = 0; j < d; ++j) out[j] += g * w[j];
+      }
+    }
+  });
   if (jitter_active_) {
     constexpr int64_t kBlock = 1 << 14;
     const int64_t n = T * d;
