@@ -55,17 +55,10 @@ def _rows(x: np.ndarray) -> tuple[int, int]:
     return x.shape[0], per_row
 
 
-_OPCODES = {
-    "all_to_all": 1,
-    "all_to_all_v": 2,
-    "all_reduce": 3,
-    "all_gather": 4,
-    "reduce_scatter": 5,
-    "broadcast": 6,
-    "barrier": 7,
-}
-_OP_NAMES = {v: k for k, v in _OPCODES.items()}
-_META_DIMS = 7  # shape dims carried verbatim; a hash of the whole shape covers the rest
+def _fingerprint(shape) -> int:
+    """A value every rank computes alike from a shape (Python's hash of a tuple of ints does not
+    depend on the process), checked by the core with the rest of the call."""
+    return hash(tuple(int(d) for d in shape)) & 0x7FFFFFFFFFFFFFFF
 
 
 def _dtype_code(x: np.ndarray) -> int:
@@ -115,42 +108,11 @@ class Communicator:
         except CommError as exc:
             raise type(exc)(f"{op}: {exc}") from None
 
-    def _agree(self, op: str, x: np.ndarray | None = None, *, rows_may_differ=False, extra=0):
-        """Check that every rank makes the same call: op, dtype, shape (the trailing shape when
-        row counts may differ) and `extra` (reduce op or root). All ranks see the same gathered
-        descriptions, so on a mismatch all of them raise CommError, and the group is poisoned."""
-        meta = np.zeros(5 + _META_DIMS, np.int64)
-        meta[0], meta[2] = _OPCODES[op], extra
-        if x is not None:
-            shape = x.shape[1:] if rows_may_differ else x.shape
-            meta[1], meta[3] = _dtype_code(x), len(shape)
-            meta[4] = hash(tuple(int(d) for d in shape)) & 0x7FFFFFFFFFFFFFFF
-            dims = list(shape[:_META_DIMS])
-            meta[5 : 5 + len(dims)] = dims
-        if self.size == 1:
-            return
-        every = np.empty((self.size, meta.size), np.int64)
-        self._internal(op, lambda: self._impl.all_gather(meta, every, meta.size))
-        odd = [r for r in range(self.size) if not np.array_equal(every[r], every[0])]
-        if not odd:
-            return
-
-        def describe(row):
-            name = _OP_NAMES.get(int(row[0]), "?")
-            if row[1] == 0:
-                return name
-            dtype = ("float32", "bfloat16", "int32", "int64")[int(row[1]) - 1]
-            dims = [int(d) for d in row[5 : 5 + min(int(row[3]), _META_DIMS)]]
-            what = "trailing shape" if rows_may_differ else "shape"
-            return f"{name}({dtype}, {what} {tuple(dims)}, op/root code {int(row[2])})"
-
-        message = (
-            f"{op} (rank {self.rank} of {self.size}): ranks disagree on the call: rank 0 made "
-            f"{describe(every[0])}, rank {odd[0]} made {describe(every[odd[0]])}"
-        )
-        if self._poison is not None:
-            self._poison(message)
-        raise CommError(message)
+    def _check_shape(self, x: np.ndarray, *, rows_may_differ=False) -> None:
+        """Makes the next collective check that every rank passes an array of this shape (the
+        trailing shape when row counts may differ): the core compares it with op, dtype and
+        counts, so on a mismatch every rank raises CommError, and the group is poisoned."""
+        self._impl.set_next_call_check(_fingerprint(x.shape[1:] if rows_may_differ else x.shape))
 
     def _equal_blocks(self, where: str, x: np.ndarray) -> tuple[int, int]:
         """(rows, elements per row) of an x that splits into `size` equal blocks of rows."""
@@ -169,12 +131,14 @@ class Communicator:
         """
         x = _check_array("all_to_all", x)
         rows, per_row = self._equal_blocks("all_to_all", x)
-        self._agree("all_to_all", x)
         out = np.empty_like(x)
+        self._check_shape(x)
         self._impl.all_to_all(x, out, (rows // self.size) * per_row)
         return out
 
-    def all_to_all_v(self, x: np.ndarray, send_counts) -> tuple[np.ndarray, np.ndarray]:
+    def all_to_all_v(
+        self, x: np.ndarray, send_counts, *, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exchange blocks of varying size.
 
         Parameters
@@ -183,6 +147,10 @@ class Communicator:
             Rows for rank 0, then rank 1, ...
         send_counts : sequence of int, length size
             Rows sent to each rank (>= 0).
+        out : ndarray, optional
+            A C-contiguous array of x's dtype and trailing shape to receive into; used when it
+            has at least sum(recv_counts) rows (then y is a view of its first rows), else a new
+            array is returned. Reusing one buffer saves the page faults of a fresh output.
 
         Returns
         -------
@@ -195,8 +163,10 @@ class Communicator:
             raise ValueError(
                 "all_to_all_v: x must have a leading (rows) dimension, got a 0-d array"
             )
-        counts = np.asarray([_as_int("all_to_all_v", "send_counts", c) for c in send_counts])
-        counts = counts.astype(np.int64).reshape(-1)
+        counts = np.asarray(send_counts)
+        if counts.dtype.kind not in "iu" or counts.ndim != 1:  # slow path, for the messages
+            counts = np.asarray([_as_int("all_to_all_v", "send_counts", c) for c in send_counts])
+        counts = np.ascontiguousarray(counts, dtype=np.int64).reshape(-1)
         if counts.shape[0] != self.size:
             raise ValueError(
                 f"all_to_all_v: send_counts must have size={self.size} entries, "
@@ -207,38 +177,56 @@ class Communicator:
                 "all_to_all_v: send_counts must be >= 0 and sum to x.shape[0]="
                 f"{x.shape[0]}, got {counts.tolist()}"
             )
-        self._agree("all_to_all_v", x, rows_may_differ=True)
-        # The counts travel first, so that every rank can size its output.
-        recv_counts = np.empty_like(counts)
-        self._internal("all_to_all_v", lambda: self._impl.all_to_all(counts, recv_counts, 1))
+        # The counts travel first, so that every rank can size its output; that exchange also
+        # checks the dtype and the trailing shape.
+        check = _fingerprint((_dtype_code(x),) + x.shape[1:])
         _, per_row = _rows(x)
-        out = np.empty((int(recv_counts.sum()),) + x.shape[1:], dtype=x.dtype)
-        send_displs = np.concatenate([[0], np.cumsum(counts)[:-1]]) * per_row
-        recv_displs = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]) * per_row
-        self._impl.all_to_all_v(
-            x,
-            (counts * per_row).tolist(),
-            send_displs.tolist(),
-            out,
-            (recv_counts * per_row).tolist(),
-            recv_displs.tolist(),
-        )
-        return out, recv_counts
+        if out is not None and not (
+            isinstance(out, np.ndarray)
+            and out.dtype == x.dtype
+            and out.ndim == x.ndim
+            and out.shape[1:] == x.shape[1:]
+            and out.flags.c_contiguous
+            and out.flags.writeable
+        ):
+            raise ValueError(
+                "all_to_all_v: out must be a writeable C-contiguous array of dtype "
+                f"{x.dtype} and shape (rows, *{x.shape[1:]}), got "
+                + (f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else repr(out))
+            )
+        return self._impl.all_to_all_v_rows(x, counts, per_row, check, out)
 
-    def all_reduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
-        """Elementwise reduction over ranks (rank order; bf16 accumulates in float32)."""
+    def all_reduce(self, x: np.ndarray, op: str = "sum", *, out: np.ndarray | None = None):
+        """Elementwise reduction over ranks (rank order; bf16 accumulates in float32).
+
+        ``out``: an array of x's shape and dtype to write into (``out=x`` reduces in place);
+        default a new array.
+        """
         x = _check_array("all_reduce", x)
         op = _check_op("all_reduce", op)
-        self._agree("all_reduce", x, extra=_OPS.index(op))
-        out = np.empty_like(x)
+        if out is None:
+            out = np.empty_like(x)
+        elif not (
+            isinstance(out, np.ndarray)
+            and out.shape == x.shape
+            and out.dtype == x.dtype
+            and out.flags.c_contiguous
+            and out.flags.writeable
+        ):
+            raise ValueError(
+                "all_reduce: out must be a writeable C-contiguous array of the shape and dtype of "
+                f"x {x.shape} {x.dtype}, got "
+                + (f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else repr(out))
+            )
+        self._check_shape(x)
         self._impl.all_reduce(x, out, x.size, op)
         return out
 
     def all_gather(self, x: np.ndarray) -> np.ndarray:
         """Stack every rank's x: y (size, *x.shape), y[r] = rank r's x."""
         x = _check_array("all_gather", x)
-        self._agree("all_gather", x)
         out = np.empty((self.size,) + x.shape, dtype=x.dtype)
+        self._check_shape(x)
         self._impl.all_gather(x, out, x.size)
         return out
 
@@ -247,8 +235,8 @@ class Communicator:
         x = _check_array("reduce_scatter", x)
         op = _check_op("reduce_scatter", op)
         rows, per_row = self._equal_blocks("reduce_scatter", x)
-        self._agree("reduce_scatter", x, extra=_OPS.index(op))
         out = np.empty((rows // self.size,) + x.shape[1:], dtype=x.dtype)
+        self._check_shape(x)
         self._impl.reduce_scatter(x, out, out.size, op)
         return out
 
@@ -258,14 +246,13 @@ class Communicator:
         root = _as_int("broadcast", "root", root)
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast: root must be in [0, {self.size}), got {root}")
-        self._agree("broadcast", x, extra=root)
         out = np.array(x, copy=True, order="C")
+        self._check_shape(x)
         self._impl.broadcast(out, out.size, root)
         return out
 
     def barrier(self) -> None:
         """Wait until every rank has called barrier."""
-        self._agree("barrier")
         self._impl.barrier()
 
 
@@ -430,7 +417,10 @@ def _reduce_gradients(comm: Communicator, grads: dict, keys, op: str) -> dict:
     names = sorted(grads) if keys is None else list(keys)
     for name in names:
         g = grads[name]
-        g[...] = comm.all_reduce(np.ascontiguousarray(g), op=op)
+        if g.flags.c_contiguous and g.flags.writeable:
+            comm.all_reduce(g, op=op, out=g)  # in place: no copy of large gradients
+        else:
+            g[...] = comm.all_reduce(np.ascontiguousarray(g), op=op)
     return grads
 
 

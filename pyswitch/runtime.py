@@ -13,9 +13,20 @@ def build_info() -> dict:
     dict
         ``version``; ``compiled_isas`` and ``supported_isas`` (kernel sets compiled in / runnable
         on this CPU, among ``"scalar"``, ``"avx2"``, ``"avx512_bf16"``); ``active_isa``;
-        ``blas`` (the GEMM library); ``mpi`` and ``cuda`` (bools); ``num_threads``; ``compiler``.
+        ``blas`` (the GEMM library); ``mpi`` (bool: the MPI backend is built and its MPI
+        library loads) and ``mpi_library`` (that library's version, or why it is unavailable);
+        ``cuda`` (bool); ``num_threads``; ``compiler``.
     """
-    return dict(_core.build_info())
+    info = dict(_core.build_info())
+    try:
+        from . import _mpi
+    except ImportError as exc:
+        info["mpi"] = False
+        info["mpi_library"] = f"unavailable ({exc})"
+    else:
+        info["mpi"] = True
+        info["mpi_library"] = _mpi.library_version()
+    return info
 
 
 def cpu_isa() -> str:

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -872,6 +873,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("size", &comm::Communicator::size)
       .def_property_readonly("timeout", &comm::Communicator::timeout)
       .def("poison", &comm::Communicator::poison, py::arg("reason"))
+      .def("set_next_call_check", &comm::Communicator::set_next_call_check, py::arg("value"))
       .def("all_to_all",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count) {
              const auto dt = comm_dtype_of("all_to_all", "x", send);
@@ -911,6 +913,71 @@ PYBIND11_MODULE(_core, m) {
              c.all_to_all_v(send.data(), send_counts.data(), send_displs.data(),
                             recv.mutable_data(), recv_counts.data(), recv_displs.data(), dt);
            })
+      .def(
+          "all_to_all_v_rows",
+          // The whole row exchange of pyswitch.comm.Communicator.all_to_all_v in one call (the
+          // Python wrapper validates x and the counts): the row counts travel first, carrying
+          // `check` (dtype and trailing shape), then the output is allocated and the rows move.
+          [](comm::Communicator& c, py::array x, py::array_t<int64_t, py::array::c_style> rows,
+             int64_t per_row, int64_t check, py::object out_obj) {
+            const auto dt = comm_dtype_of("all_to_all_v", "x", x);
+            const int W = c.size();
+            if (rows.ndim() != 1 || rows.shape(0) != W) {
+              throw InvalidArgument(
+                  detail::concat("all_to_all_v: send_counts must have ", W, " entries"));
+            }
+            std::vector<int64_t> send_rows(rows.data(), rows.data() + W), recv_rows(W);
+            {
+              py::gil_scoped_release release;
+              c.set_next_call_check(check);
+              // Reported under the name of the call the user made.
+              try {
+                c.all_to_all(send_rows.data(), recv_rows.data(), 1, comm::CommDType::int64);
+              } catch (const CommTimeout& e) {
+                throw CommTimeout(std::string("all_to_all_v: ") + e.what());
+              } catch (const CommError& e) {
+                throw CommError(std::string("all_to_all_v: ") + e.what());
+              }
+            }
+            std::vector<int64_t> send_counts(W), send_displs(W), recv_counts(W), recv_displs(W);
+            int64_t sent = 0, received = 0;
+            for (int q = 0; q < W; ++q) {
+              send_counts[q] = send_rows[q] * per_row;
+              send_displs[q] = sent;
+              sent += send_counts[q];
+              recv_counts[q] = recv_rows[q] * per_row;
+              recv_displs[q] = received;
+              received += recv_counts[q];
+            }
+            PYSWITCH_CHECK_ARG(sent <= x.size(), "all_to_all_v: send_counts add up to ", sent,
+                               " elements but x holds ", x.size());
+            std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+            shape[0] = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
+            // A caller's buffer is used when it fits (checked by the Python wrapper: dtype,
+            // trailing shape, contiguity); it cannot be refused collectively here, so a buffer
+            // that is too small just means a new array.
+            py::array out;
+            if (!out_obj.is_none()) {
+              py::array given = py::reinterpret_borrow<py::array>(out_obj);
+              if (given.ndim() >= 1 && given.shape(0) >= shape[0]) {
+                py::slice first_rows(0, static_cast<py::ssize_t>(shape[0]), 1);
+                out = given[py::make_tuple(first_rows, py::ellipsis())];
+              }
+            }
+            if (!out) out = py::array(x.dtype(), shape);
+            const void* send = x.data();
+            void* recv = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              c.all_to_all_v(send, send_counts.data(), send_displs.data(), recv,
+                             recv_counts.data(), recv_displs.data(), dt);
+            }
+            py::array_t<int64_t> recv_rows_array(W);
+            std::copy(recv_rows.begin(), recv_rows.end(), recv_rows_array.mutable_data());
+            return py::make_tuple(out, recv_rows_array);
+          },
+          py::arg("x"), py::arg("send_rows"), py::arg("per_row"), py::arg("check"),
+          py::arg("out") = py::none())
       .def("all_reduce",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count,
               const std::string& op) {

@@ -9,7 +9,7 @@ namespace pyswitch {
 struct BuildInfo {
   std::string version;   ///< "x.y.z", from CMake's project(VERSION)
   std::string blas;      ///< the GEMM library and its version, e.g. "oneDNN 3.2.0 (OMP)"
-  bool mpi = false;      ///< built with the MPI communicator backend
+  bool mpi = false;      ///< built with the MPI backend (the pyswitch::mpi library)
   bool cuda = false;     ///< built with CUDA kernels
   std::string compiler;  ///< compiler id and version
 };

@@ -137,6 +137,9 @@ std::string call_disagreement(const std::vector<Call>& calls) {
     } else if (c.root != first.root && c.op == Op::broadcast) {
       problem = detail::concat("rank 0 passed root ", first.root, " but rank ", r, " passed root ",
                                c.root);
+    } else if (c.check != first.check) {
+      problem = detail::concat("rank 0 and rank ", r, " passed arrays of different shapes (shape ",
+                               "fingerprints ", first.check, " and ", c.check, ")");
     } else if (c.op == Op::all_to_all_v) {
       for (int q = 0; q < world_size && problem.empty(); ++q) {
         const int64_t sent = c.send_counts[q];
@@ -163,25 +166,37 @@ void reduce_range(const std::vector<const void*>& sources, const std::vector<voi
     switch (dtype) {
       case CommDType::float32:
       case CommDType::bfloat16: {
-        auto load = [&](int r, int64_t i) {
-          return dtype == CommDType::float32
-                     ? static_cast<const float*>(sources[r])[i]
-                     : bf16_to_float(static_cast<const bf16*>(sources[r])[i]);
+        // Branches outside the element loops, so that the compiler vectorises them.
+        auto load = [&](int r, float* dst) {
+          if (dtype == CommDType::float32) {
+            std::copy_n(static_cast<const float*>(sources[r]) + b, m, dst);
+          } else {
+            const bf16* src = static_cast<const bf16*>(sources[r]) + b;
+            for (int64_t i = 0; i < m; ++i) dst[i] = bf16_to_float(src[i]);
+          }
         };
-        for (int64_t i = 0; i < m; ++i) acc_f[i] = load(0, b + i);
+        float next[kBlock];
+        load(0, acc_f);
         for (int r = 1; r < W; ++r) {
-          for (int64_t i = 0; i < m; ++i) acc_f[i] = combine(acc_f[i], load(r, b + i), op);
+          load(r, next);
+          if (op == ReduceOp::max) {
+            for (int64_t i = 0; i < m; ++i) acc_f[i] = combine(acc_f[i], next[i], ReduceOp::max);
+          } else if (op == ReduceOp::min) {
+            for (int64_t i = 0; i < m; ++i) acc_f[i] = combine(acc_f[i], next[i], ReduceOp::min);
+          } else {
+            for (int64_t i = 0; i < m; ++i) acc_f[i] += next[i];
+          }
         }
         if (op == ReduceOp::mean) {
-          for (int64_t i = 0; i < m; ++i) acc_f[i] = acc_f[i] / static_cast<float>(W);
+          const float ranks = static_cast<float>(W);
+          for (int64_t i = 0; i < m; ++i) acc_f[i] = acc_f[i] / ranks;
         }
         for (void* out : outputs) {
-          for (int64_t i = 0; i < m; ++i) {
-            if (dtype == CommDType::float32) {
-              static_cast<float*>(out)[b + i] = acc_f[i];
-            } else {
-              static_cast<bf16*>(out)[b + i] = float_to_bf16(acc_f[i]);
-            }
+          if (dtype == CommDType::float32) {
+            std::copy_n(acc_f, m, static_cast<float*>(out) + b);
+          } else {
+            bf16* dst = static_cast<bf16*>(out) + b;
+            for (int64_t i = 0; i < m; ++i) dst[i] = float_to_bf16(acc_f[i]);
           }
         }
         break;

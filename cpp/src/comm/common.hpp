@@ -32,6 +32,7 @@ struct Call {
   ReduceOp reduce = ReduceOp::sum;
   int64_t count = 0;
   int root = 0;
+  int64_t check = 0;  // Communicator::set_next_call_check
   const void* send = nullptr;
   void* recv = nullptr;
   const int64_t* send_counts = nullptr;

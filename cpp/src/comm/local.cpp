@@ -272,6 +272,7 @@ class LocalComm final : public Communicator {
     c.op = op;
     c.dtype = dtype;
     c.count = count;
+    c.check = take_call_check();
     return c;
   }
   std::shared_ptr<LocalGroupState> state_;

@@ -17,7 +17,7 @@ namespace {
 
 constexpr int kPoisonTag = 7;
 constexpr int kPoisonBytes = 1024;
-constexpr int kHeaderWords = 6;  // seq, op, dtype, count, reduce op, root
+constexpr int kHeaderWords = 7;  // seq, op, dtype, count, reduce op, root, check
 
 MPI_Datatype mpi_type(CommDType dtype) {
   switch (dtype) {
@@ -191,6 +191,7 @@ struct MPIComm::State {
     descriptor[3] = call.count;
     descriptor[4] = static_cast<int64_t>(call.reduce);
     descriptor[5] = call.root;
+    descriptor[6] = call.check;
     if (call.op == Op::all_to_all_v) {
       std::copy_n(call.send_counts, W, descriptor.begin() + kHeaderWords);
       std::copy_n(call.recv_counts, W, descriptor.begin() + kHeaderWords + W);
@@ -211,6 +212,7 @@ struct MPIComm::State {
       c.count = d[3];
       c.reduce = static_cast<ReduceOp>(d[4]);
       c.root = static_cast<int>(d[5]);
+      c.check = d[6];
       c.send_counts = d + kHeaderWords;
       c.recv_counts = d + kHeaderWords + W;
     }
@@ -289,12 +291,13 @@ void MPIComm::poison(const std::string& reason) {
 }
 
 namespace {
-Call make_call(uint64_t& seq, Op op, CommDType dtype, int64_t count) {
+Call make_call(uint64_t& seq, Op op, CommDType dtype, int64_t count, int64_t check) {
   Call c;
   c.seq = ++seq;
   c.op = op;
   c.dtype = dtype;
   c.count = count;
+  c.check = check;
   return c;
 }
 }  // namespace
@@ -302,7 +305,7 @@ Call make_call(uint64_t& seq, Op op, CommDType dtype, int64_t count) {
 void MPIComm::all_to_all(const void* send, void* recv, int64_t count, CommDType dtype) {
   check_count("all_to_all", count);
   State& s = *state_;
-  const Call call = make_call(s.seq, Op::all_to_all, dtype, count);
+  const Call call = make_call(s.seq, Op::all_to_all, dtype, count, take_call_check());
   s.agree(call);
   MPI_Request request;
   const Count n = to_count(count, "all_to_all");
@@ -316,7 +319,7 @@ void MPIComm::all_to_all_v(const void* send, const int64_t* send_counts,
                            const int64_t* recv_displs, CommDType dtype) {
   State& s = *state_;
   check_v_counts(s.size, send_counts, send_displs, recv_counts, recv_displs);
-  Call call = make_call(s.seq, Op::all_to_all_v, dtype, 0);
+  Call call = make_call(s.seq, Op::all_to_all_v, dtype, 0, take_call_check());
   call.send_counts = send_counts;
   call.recv_counts = recv_counts;
   s.agree(call);
@@ -339,7 +342,7 @@ void MPIComm::all_reduce(const void* send, void* recv, int64_t count, CommDType 
   check_count("all_reduce", count);
   check_mean("all_reduce", dtype, op);
   State& s = *state_;
-  Call call = make_call(s.seq, Op::all_reduce, dtype, count);
+  Call call = make_call(s.seq, Op::all_reduce, dtype, count, take_call_check());
   call.reduce = op;
   s.agree(call);
   // Reduce-scatter then all-gather, by blocks in the thread-rank backend's partition: rank q
@@ -378,7 +381,7 @@ void MPIComm::all_reduce(const void* send, void* recv, int64_t count, CommDType 
 void MPIComm::all_gather(const void* send, void* recv, int64_t count, CommDType dtype) {
   check_count("all_gather", count);
   State& s = *state_;
-  const Call call = make_call(s.seq, Op::all_gather, dtype, count);
+  const Call call = make_call(s.seq, Op::all_gather, dtype, count, take_call_check());
   s.agree(call);
   MPI_Request request;
   const Count n = to_count(count, "all_gather");
@@ -392,7 +395,7 @@ void MPIComm::reduce_scatter(const void* send, void* recv, int64_t count, CommDT
   check_count("reduce_scatter", count);
   check_mean("reduce_scatter", dtype, op);
   State& s = *state_;
-  Call call = make_call(s.seq, Op::reduce_scatter, dtype, count);
+  Call call = make_call(s.seq, Op::reduce_scatter, dtype, count, take_call_check());
   call.reduce = op;
   s.agree(call);
   const int W = s.size;
@@ -413,7 +416,7 @@ void MPIComm::broadcast(void* buffer, int64_t count, CommDType dtype, int root) 
   State& s = *state_;
   PYSWITCH_CHECK_ARG(root >= 0 && root < s.size, "broadcast: root must be in [0, ", s.size,
                      "), got ", root);
-  Call call = make_call(s.seq, Op::broadcast, dtype, count);
+  Call call = make_call(s.seq, Op::broadcast, dtype, count, take_call_check());
   call.root = root;
   s.agree(call);
   MPI_Request request;
@@ -425,7 +428,7 @@ void MPIComm::broadcast(void* buffer, int64_t count, CommDType dtype, int root) 
 void MPIComm::barrier() {
   State& s = *state_;
   // The descriptor gather completes on a rank only once every rank has entered: a barrier.
-  s.agree(make_call(s.seq, Op::barrier, CommDType::float32, 0));
+  s.agree(make_call(s.seq, Op::barrier, CommDType::float32, 0, take_call_check()));
 }
 
 }  // namespace pyswitch::comm

@@ -66,6 +66,23 @@ class Communicator {
   /// in, or later entering, a collective throw CommError whose message includes `reason`, and so
   /// does this rank's next call. Never blocks; the first reason is kept.
   virtual void poison(const std::string& reason) = 0;
+
+  /// A value every rank must pass identically for its next collective, checked with the op,
+  /// dtype and counts (a mismatch throws CommError on every rank): for what the element counts
+  /// do not pin down, such as the shape of the arrays (the Python API passes a fingerprint of
+  /// it). Cleared by that call; 0 when not set.
+  void set_next_call_check(int64_t value) { next_call_check_ = value; }
+
+ protected:
+  /// For backends: the check value of the call being made, which clears it.
+  int64_t take_call_check() {
+    const int64_t value = next_call_check_;
+    next_call_check_ = 0;
+    return value;
+  }
+
+ private:
+  int64_t next_call_check_ = 0;
 };
 
 }  // namespace pyswitch::comm

@@ -1,0 +1,370 @@
+# MPIComm under faults (SPEC section 3): a failing, hanging, slow or disagreeing rank makes the
+# others raise CommError (or CommTimeout) promptly, never hang.
+"""Each scenario runs REPS times, each repetition on a fresh ``MPIComm(timeout=...)`` (after a
+``CommError`` an MPIComm is unusable); every repetition, measured from the communicator's
+construction on, takes less than ``timeout + 5`` s on every rank.
+
+(a) a rank raises inside ``comm.run`` before an all_to_all (after some good collectives):
+    it sees its own exception, the others a CommError naming it, well before the timeout;
+(b) a rank's EP forward raises (NaN in its x -> ValueError), with and without ``comm.run``
+    (the layer poisons the group itself); a rank passing another ``training`` flag;
+(c) a rank sleeps past the timeout: the others raise CommTimeout after ~timeout s, and the late
+    rank's call raises CommError instead of hanging;
+(d) a rank slow within the timeout (timeout / 4): the call succeeds with the right data;
+(e) mismatched op / reduce op / row count / dtype / shape / root: CommError on every rank, no
+    timeout, naming the op and the odd rank; also straight at the C++ descriptor check;
+(f) after a failure every collective raises CommError at once, on every rank, and a fresh
+    MPIComm works.
+
+Every rank constructs the same MPIComms in the same order whatever happens (construction is
+collective), records its failures, and raises them on every rank at the end of the test.
+"""
+
+import time
+
+import numpy as np
+import pytest
+from mpi_utils import Failures, names_rank, timed
+from test_comm_local import COLLECTIVES, call_step, check_result, make_step
+
+import pyswitch
+
+CommError = pyswitch.CommError
+CommTimeout = pyswitch.CommTimeout
+
+REPS = 10
+SLACK = 5.0  # every repetition ends within timeout + SLACK seconds
+PROMPT = 1.5  # a failure that does not wait for the timeout is seen within this
+
+
+class RankBoom(Exception):
+    pass
+
+
+def bad_rank(rep, size):
+    """Rank 1 on even repetitions, the others in turn on odd ones (rank 0 included)."""
+    return 1 if rep % 2 == 0 else (rep // 2) % size
+
+
+def repeat(make_comm, timeout, body):
+    """Run ``body(comm, rep, failures)`` REPS times on fresh communicators; then check the time
+    of each repetition and raise every rank's failures on every rank."""
+    failures = None
+    for rep in range(REPS):
+        t0 = time.monotonic()
+        comm = make_comm(timeout)  # collective: every rank, every repetition
+        if failures is None:
+            failures = Failures(comm.rank)
+        with failures.check(f"rep {rep}"):
+            body(comm, rep, failures)
+        elapsed = time.monotonic() - t0
+        with failures.check(f"rep {rep} took {elapsed:.2f} s"):
+            assert elapsed < timeout + SLACK
+        del comm
+    failures.raise_on_all(make_comm(60.0))
+
+
+def assert_comm_error(exc, ops, rank=None, *, timeout_ok=False):
+    assert isinstance(exc, CommError), (type(exc), exc)
+    if not timeout_ok:
+        assert not isinstance(exc, CommTimeout), exc
+    message = str(exc)
+    assert any(op in message for op in ops), (ops, message)
+    if rank is not None:
+        assert names_rank(message, rank), (f"rank {rank} not named", message)
+
+
+# --------------------------------------------------------------------------------------------
+# (a) a rank raises before a collective
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_rank_raising_before_all_to_all(make_comm):
+    timeout = 3.0
+
+    def body(comm, rep, failures):
+        bad = bad_rank(rep, comm.size)
+        good = [make_step(op, comm.size, seed=rep * 10 + i) for i, op in enumerate(COLLECTIVES)]
+        good = good[: rep % 4]  # 0-3 good collectives first
+        step = make_step("all_to_all", comm.size, seed=rep)
+
+        def fn(c):
+            for s in good:
+                check_result(s, c.rank, call_step(c, s))
+            if c.rank == bad:
+                if rep % 3 == 1:
+                    time.sleep(0.05)  # the others are already waiting inside the all_to_all
+                raise RankBoom(f"boom from rank {c.rank}")
+            return call_step(c, step)
+
+        result, exc, dt = timed(comm.run, fn)
+        if comm.rank == bad:
+            assert isinstance(exc, RankBoom) and str(exc) == f"boom from rank {bad}", exc
+        else:
+            assert result is None, "all_to_all succeeded with a failed peer"
+            assert_comm_error(exc, ["all_to_all"], bad)
+            assert "RankBoom" in str(exc) or "boom" in str(exc), exc
+            assert dt < PROMPT, dt
+
+    repeat(make_comm, timeout, body)
+
+
+# --------------------------------------------------------------------------------------------
+# (b) a rank fails inside the expert-parallel layer
+# --------------------------------------------------------------------------------------------
+
+D, F = 16, 32
+
+
+def ep_forward(comm, x, *, training=False, through_run):
+    layer = pyswitch.SwitchFFN(D, F, 2 * comm.size, comm=comm, min_capacity=1)
+
+    def fn(c):
+        y = layer.forward(x, training=training)
+        layer.backward(np.ones_like(y))
+        return y
+
+    return comm.run(fn) if through_run else fn(comm)
+
+
+def test_b_rank_raising_inside_the_ep_forward(make_comm):
+    timeout = 3.0
+
+    def body(comm, rep, failures):
+        bad = bad_rank(rep, comm.size)
+        x = np.random.default_rng([80, comm.rank]).standard_normal((8, D)).astype(np.float32)
+        if comm.rank == bad:
+            x[5, 3] = np.nan
+        _, exc, dt = timed(ep_forward, comm, x, through_run=rep % 2 == 1)
+        if comm.rank == bad:
+            assert type(exc) is ValueError and "row 5" in str(exc), (type(exc), exc)
+        else:
+            assert_comm_error(exc, ["all_", "reduce", "broadcast", "barrier"], bad)
+            assert dt < PROMPT, dt
+
+    repeat(make_comm, timeout, body)
+
+
+def test_b_rank_passing_another_training_flag(make_comm):
+    timeout = 3.0
+
+    def body(comm, rep, failures):
+        odd = bad_rank(rep, comm.size)
+        x = np.random.default_rng([81, comm.rank]).standard_normal((8, D)).astype(np.float32)
+        _, exc, dt = timed(ep_forward, comm, x, training=comm.rank == odd, through_run=False)
+        assert_comm_error(exc, ["all_", "reduce", "broadcast", "barrier"])
+        assert dt < PROMPT, dt
+
+    repeat(make_comm, timeout, body)
+
+
+# --------------------------------------------------------------------------------------------
+# (c) a rank past the timeout, (d) a rank slow within it
+# --------------------------------------------------------------------------------------------
+
+
+def test_c_rank_sleeping_past_the_timeout(make_comm):
+    timeout = 2.0
+
+    def body(comm, rep, failures):
+        late = bad_rank(rep, comm.size)
+        op = COLLECTIVES[rep % len(COLLECTIVES)]
+        step = make_step(op, comm.size, seed=rep)
+        if rep >= REPS // 2:
+            comm.barrier()  # mid-sequence: a good call first
+        if comm.rank == late:
+            time.sleep(timeout + 0.5)
+            _, exc, dt = timed(call_step, comm, step)
+            assert_comm_error(exc, [op], timeout_ok=True)  # not a hang, not a success
+            assert dt < timeout + SLACK, dt
+        else:
+            _, exc, dt = timed(call_step, comm, step)
+            assert isinstance(exc, CommTimeout), (type(exc), exc)
+            assert_comm_error(exc, [op], timeout_ok=True)
+            assert timeout - 0.1 <= dt < timeout + SLACK, dt
+
+    repeat(make_comm, timeout, body)
+
+
+def test_d_slow_rank_within_the_timeout(make_comm):
+    timeout = 2.0
+
+    def body(comm, rep, failures):
+        slow = bad_rank(rep, comm.size)
+        op = COLLECTIVES[rep % len(COLLECTIVES)]
+        step = make_step(op, comm.size, seed=100 + rep)
+        if comm.rank == slow:
+            time.sleep(timeout / 4)
+        check_result(step, comm.rank, call_step(comm, step))
+        # Still usable: a second, different call.
+        step = make_step(COLLECTIVES[(rep + 1) % len(COLLECTIVES)], comm.size, seed=200 + rep)
+        check_result(step, comm.rank, call_step(comm, step))
+
+    repeat(make_comm, timeout, body)
+
+
+def test_d_delays_adding_up_past_the_timeout(make_comm):
+    """The timeout is per call: four calls each delayed by timeout / 4 + a bit succeed."""
+    comm = make_comm(1.0)
+    failures = Failures(comm.rank)
+    steps = [make_step(op, comm.size, seed=300 + i) for i, op in enumerate(COLLECTIVES[:4])]
+    for i, step in enumerate(steps):
+        if comm.rank == i % comm.size:
+            time.sleep(0.3)
+        result = call_step(comm, step)
+        with failures.check(repr(step)):
+            check_result(step, comm.rank, result)
+    failures.raise_on_all(comm)
+
+
+# --------------------------------------------------------------------------------------------
+# (e) mismatched calls
+# --------------------------------------------------------------------------------------------
+
+
+def f32(*shape):
+    return np.ones(shape, dtype=np.float32)
+
+
+# name -> (call(comm, odd) where rank `odd` disagrees, ops the message may name)
+MISMATCHES = {
+    "op all_reduce vs all_gather": (
+        lambda c, odd: c.all_gather(f32(2, 3)) if c.rank == odd else c.all_reduce(f32(2, 3)),
+        ("all_reduce", "all_gather"),
+    ),
+    "op barrier vs broadcast": (
+        lambda c, odd: c.barrier() if c.rank == odd else c.broadcast(f32(2)),
+        ("barrier", "broadcast"),
+    ),
+    "op all_to_all vs all_to_all_v": (
+        lambda c, odd: (
+            c.all_to_all_v(f32(c.size, 2), [1] * c.size)
+            if c.rank == odd
+            else c.all_to_all(f32(c.size, 2))
+        ),
+        ("all_to_all",),
+    ),
+    "reduce op sum vs max": (
+        lambda c, odd: c.all_reduce(f32(2, 3), op="max" if c.rank == odd else "sum"),
+        ("all_reduce",),
+    ),
+    "count all_reduce 3 vs 2 rows": (
+        lambda c, odd: c.all_reduce(f32(3 if c.rank == odd else 2, 3)),
+        ("all_reduce",),
+    ),
+    "count all_to_all n=2 vs n=1": (
+        lambda c, odd: c.all_to_all(f32((2 if c.rank == odd else 1) * c.size, 3)),
+        ("all_to_all",),
+    ),
+    "dtype all_reduce int32 vs float32": (
+        lambda c, odd: c.all_reduce(np.ones((2, 3), np.int32 if c.rank == odd else np.float32)),
+        ("all_reduce",),
+    ),
+    "dtype all_to_all_v int32 vs int64": (
+        lambda c, odd: c.all_to_all_v(
+            np.ones((c.size, 2), np.int32 if c.rank == odd else np.int64), [1] * c.size
+        ),
+        ("all_to_all_v",),
+    ),
+    "trailing shape all_gather (3, 2) vs (2, 3)": (
+        lambda c, odd: c.all_gather(f32(3, 2) if c.rank == odd else f32(2, 3)),
+        ("all_gather",),
+    ),
+    "trailing shape all_to_all_v zero rows (0, 4) vs (0, 3)": (
+        lambda c, odd: c.all_to_all_v(f32(0, 4 if c.rank == odd else 3), [0] * c.size),
+        ("all_to_all_v",),
+    ),
+    "broadcast root": (
+        lambda c, odd: c.broadcast(f32(2, 3), root=odd if c.rank == odd else (odd + 1) % c.size),
+        ("broadcast",),
+    ),
+}
+
+
+def _raw(c, odd, kind):
+    """Straight at the core (no Python-level check): the C++ descriptor must catch it."""
+    impl = c._impl
+    if kind == "count":
+        x = f32(3 if c.rank == odd else 2)
+        return impl.all_reduce(x, np.empty_like(x), x.size, "sum")
+    if kind == "dtype":
+        x = np.ones(2, np.int32 if c.rank == odd else np.float32)
+        return impl.all_gather(x, np.empty((c.size, 2), x.dtype), x.size)
+    if kind == "op":
+        x = f32(c.size)
+        if c.rank == odd:
+            return impl.all_gather(x, np.empty((c.size, c.size), np.float32), x.size)
+        return impl.all_to_all(x, np.empty_like(x), 1)
+    if kind == "root":
+        return impl.broadcast(f32(2), 2, 0 if c.rank == odd else c.size - 1)
+    raise AssertionError(kind)
+
+
+for _kind in ("count", "dtype", "op", "root"):
+    MISMATCHES[f"core {_kind}"] = (
+        lambda c, odd, kind=_kind: _raw(c, odd, kind),
+        ("all_reduce", "all_gather", "all_to_all", "broadcast"),
+    )
+
+
+@pytest.mark.parametrize("name", list(MISMATCHES))
+def test_e_mismatched_calls(make_comm, name):
+    call, ops = MISMATCHES[name]
+    timeout = 3.0
+
+    def body(comm, rep, failures):
+        odd = bad_rank(rep, comm.size)
+        if rep % 2:
+            comm.barrier()  # a good call first
+        _, exc, dt = timed(call, comm, odd)
+        assert_comm_error(exc, ops, odd if comm.size == 2 else None)
+        assert dt < PROMPT, dt
+        # (f) use after failure, within the same repetition
+        _, exc, dt = timed(comm.barrier)
+        assert isinstance(exc, CommError), (type(exc), exc)
+        assert dt < PROMPT, dt
+
+    repeat(make_comm, timeout, body)
+
+
+# --------------------------------------------------------------------------------------------
+# (f) use after failure
+# --------------------------------------------------------------------------------------------
+
+
+def test_f_use_after_failure(make_comm):
+    """After a failure (a rank's exception, or a mismatch) every collective raises CommError at
+    once on every rank, the failing rank included; a fresh MPIComm then works."""
+    timeout = 3.0
+
+    def body(comm, rep, failures):
+        bad = bad_rank(rep, comm.size)
+        first = COLLECTIVES[rep % len(COLLECTIVES)]
+        steps = {op: make_step(op, comm.size, seed=rep) for op in COLLECTIVES}
+        if rep % 2 == 0:
+
+            def fn(c):
+                if c.rank == bad:
+                    raise RankBoom("root cause")
+                return call_step(c, steps[first])
+
+            _, exc, _ = timed(comm.run, fn)
+            assert isinstance(exc, RankBoom if comm.rank == bad else CommError), exc
+        else:
+            _, exc, _ = timed(MISMATCHES["reduce op sum vs max"][0], comm, bad)
+            assert isinstance(exc, CommError), exc
+        for op in COLLECTIVES:
+            _, exc, dt = timed(call_step, comm, steps[op])
+            assert_comm_error(exc, [op], timeout_ok=True)
+            assert not isinstance(exc, CommTimeout), (op, exc)
+            assert dt < PROMPT, (op, dt)
+
+    repeat(make_comm, timeout, body)
+    fresh = make_comm(timeout)
+    failures = Failures(fresh.rank)
+    for i, op in enumerate(COLLECTIVES):
+        step = make_step(op, fresh.size, seed=900 + i)
+        result = call_step(fresh, step)
+        with failures.check(f"fresh MPIComm: {op}"):
+            check_result(step, fresh.rank, result)
+    failures.raise_on_all(fresh)
