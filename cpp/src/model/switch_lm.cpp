@@ -1,0 +1,299 @@
+// The Switch Transformer language model: blocks of RMSNorm, causal attention and a Switch or
+// dense FFN, forward and backward, orchestrating the ops of nn/ops.hpp and the MoE layers.
+#include "pyswitch/model/switch_lm.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "gemm.hpp"
+#include "parallel.hpp"
+#include "pyswitch/error.hpp"
+#include "pyswitch/random.hpp"
+
+namespace pyswitch::model {
+namespace {
+
+// Parameter streams of the model's own tensors (the FFN layers draw from their own seeds).
+constexpr uint64_t kStreamModel = kStreamInit + 1000;
+
+void add_into(float* out, const float* a, const float* b, int64_t n) {
+  constexpr int64_t kBlock = 1 << 14;
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t blk) {
+    const int64_t end = std::min(n, (blk + 1) * kBlock);
+    for (int64_t i = blk * kBlock; i < end; ++i) out[i] = a[i] + b[i];
+  });
+}
+
+void validate(const SwitchLMConfig& c, const comm::Communicator* comm) {
+  PYSWITCH_CHECK_ARG(c.vocab_size >= 2 && c.d_model >= 2 && c.num_layers >= 1 &&
+                         c.num_heads >= 1 && c.d_ff >= 1,
+                     "SwitchLM: vocab_size, d_model, num_layers, num_heads and d_ff must be "
+                     "positive, got ",
+                     c.vocab_size, ", ", c.d_model, ", ", c.num_layers, ", ", c.num_heads, ", ",
+                     c.d_ff);
+  PYSWITCH_CHECK_ARG(c.d_model % c.num_heads == 0 && (c.d_model / c.num_heads) % 2 == 0,
+                     "SwitchLM: d_model must split into num_heads heads of even size (rotary "
+                     "positions rotate pairs), got d_model=",
+                     c.d_model, " and num_heads=", c.num_heads);
+  PYSWITCH_CHECK_ARG(c.num_experts >= 0, "SwitchLM: num_experts must be >= 0 (0 = dense), got ",
+                     c.num_experts);
+  PYSWITCH_CHECK_ARG(c.expert_every >= 1, "SwitchLM: expert_every must be >= 1, got ",
+                     c.expert_every);
+  PYSWITCH_CHECK_ARG(c.num_experts == 0 || c.num_layers >= c.expert_every,
+                     "SwitchLM: with expert_every=", c.expert_every, " and num_layers=",
+                     c.num_layers, " no layer would be a Switch layer");
+  if (comm && c.num_experts > 0) {
+    PYSWITCH_CHECK_ARG(c.num_experts % comm->size() == 0, "SwitchLM: num_experts=",
+                       c.num_experts, " must be divisible by the number of ranks ",
+                       comm->size());
+  }
+}
+
+}  // namespace
+
+struct SwitchLM::Block {
+  Block(int64_t d, DType dtype) : qkv_proj(d, 3 * d, dtype), out_proj(d, d, dtype) {}
+  std::vector<float> attn_norm, attn_norm_grad, w_qkv, w_qkv_grad, w_o, w_o_grad;
+  std::vector<float> ffn_norm, ffn_norm_grad;
+  nn::Linear qkv_proj, out_proj;
+  std::unique_ptr<moe::SwitchFFN> switch_ffn;
+  std::unique_ptr<moe::DenseFFN> dense_ffn;
+  // Forward state.
+  std::vector<float> h_in, a, a_inv, qkv, probs, attn, h_mid, f, f_inv, ffn_out;
+};
+
+SwitchLM::SwitchLM(const SwitchLMConfig& c, comm::Communicator* comm)
+    : config_((validate(c, comm), c)), comm_(comm) {
+  const int64_t d = c.d_model, V = c.vocab_size;
+  auto init = [&](std::vector<float>& w, int64_t n, int64_t fan_in, uint64_t stream) {
+    w.resize(static_cast<size_t>(n));
+    truncated_normal(w.data(), n, std::sqrt(c.init_scale / static_cast<double>(fan_in)), c.seed,
+                     kStreamModel + stream);
+  };
+  init(embed_, V * d, d, 0);
+  embed_grad_.assign(embed_.size(), 0.0f);
+  final_norm_.assign(static_cast<size_t>(d), 1.0f);
+  final_norm_grad_.assign(static_cast<size_t>(d), 0.0f);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    auto block = std::make_unique<Block>(d, c.dtype);
+    block->attn_norm.assign(static_cast<size_t>(d), 1.0f);
+    block->ffn_norm.assign(static_cast<size_t>(d), 1.0f);
+    init(block->w_qkv, d * 3 * d, d, 1 + 2 * static_cast<uint64_t>(l));
+    init(block->w_o, d * d, d, 2 + 2 * static_cast<uint64_t>(l));
+    block->attn_norm_grad.assign(static_cast<size_t>(d), 0.0f);
+    block->ffn_norm_grad.assign(static_cast<size_t>(d), 0.0f);
+    block->w_qkv_grad.assign(block->w_qkv.size(), 0.0f);
+    block->w_o_grad.assign(block->w_o.size(), 0.0f);
+    // Each FFN layer has its own seed, derived from the model's (Philox keys, so any value
+    // is as good as any other).
+    const uint64_t layer_seed = c.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(l) + 1;
+    if (is_switch_layer(l)) {
+      moe::SwitchFFNOptions o;
+      o.router.route.k = c.k;
+      o.router.route.capacity_factor = c.capacity_factor;
+      o.router.eval_capacity_factor = c.eval_capacity_factor;
+      o.router.jitter_eps = c.jitter_eps;
+      o.router.init_scale = c.init_scale;
+      o.router.seed = layer_seed;
+      o.dtype = c.dtype;
+      o.aux_loss_coef = c.aux_loss_coef;
+      o.z_loss_coef = c.z_loss_coef;
+      block->switch_ffn = std::make_unique<moe::SwitchFFN>(d, c.d_ff, c.num_experts, o, comm);
+    } else {
+      moe::DenseFFNOptions o;
+      o.dtype = c.dtype;
+      o.init_scale = c.init_scale;
+      o.seed = layer_seed;
+      block->dense_ffn = std::make_unique<moe::DenseFFN>(d, c.d_ff, o);
+    }
+    blocks_.push_back(std::move(block));
+  }
+}
+
+SwitchLM::~SwitchLM() = default;
+
+bool SwitchLM::is_switch_layer(int64_t layer) const {
+  return config_.num_experts > 0 && (layer + 1) % config_.expert_every == 0;
+}
+
+std::vector<ParamRef> SwitchLM::parameters() {
+  const int64_t d = config_.d_model, V = config_.vocab_size, f = config_.d_ff;
+  std::vector<ParamRef> out;
+  out.push_back({"embed", embed_.data(), embed_grad_.data(), {V, d}, false, true});
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    Block& b = *blocks_[l];
+    const std::string p = "layers." + std::to_string(l) + ".";
+    out.push_back({p + "attn_norm", b.attn_norm.data(), b.attn_norm_grad.data(), {d}, false, false});
+    out.push_back({p + "w_qkv", b.w_qkv.data(), b.w_qkv_grad.data(), {d, 3 * d}, false, true});
+    out.push_back({p + "w_o", b.w_o.data(), b.w_o_grad.data(), {d, d}, false, true});
+    out.push_back({p + "ffn_norm", b.ffn_norm.data(), b.ffn_norm_grad.data(), {d}, false, false});
+    if (b.switch_ffn) {
+      moe::SwitchFFN& s = *b.switch_ffn;
+      const int64_t E = s.local_experts();
+      out.push_back({p + "ffn.router", s.router_weight(), s.router_weight_grad(),
+                     {d, config_.num_experts}, false, true});
+      out.push_back({p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {E, d, f}, true,
+                     true});
+      out.push_back({p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {E, f, d},
+                     true, true});
+    } else {
+      moe::DenseFFN& s = *b.dense_ffn;
+      out.push_back({p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {d, f}, false,
+                     true});
+      out.push_back({p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {f, d}, false,
+                     true});
+    }
+  }
+  out.push_back({"final_norm", final_norm_.data(), final_norm_grad_.data(), {d}, false, false});
+  return out;
+}
+
+int64_t SwitchLM::num_parameters() const {
+  int64_t total = 0;
+  for (const ParamRef& p : const_cast<SwitchLM*>(this)->parameters()) {
+    int64_t n = 1;
+    for (int64_t s : p.shape) n *= s;
+    total += n;
+  }
+  return total;
+}
+
+void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool training) {
+  const SwitchLMConfig& c = config_;
+  const int64_t d = c.d_model, T = B * S, H = c.num_heads, Dh = d / H, V = c.vocab_size;
+  B_ = B;
+  S_ = S;
+  inputs_.assign(inputs, inputs + T);
+  h0_.resize(static_cast<size_t>(T * d));
+  nn::embedding_forward(embed_.data(), V, d, inputs, T, h0_.data());
+  const std::vector<float>* h = &h0_;
+  std::vector<float> projected(static_cast<size_t>(T * d));
+  for (auto& bp : blocks_) {
+    Block& b = *bp;
+    b.h_in = *h;
+    b.a.resize(b.h_in.size());
+    b.a_inv.resize(static_cast<size_t>(T));
+    nn::rmsnorm_forward(b.h_in.data(), b.attn_norm.data(), T, d, static_cast<float>(c.norm_eps),
+                        b.a.data(), b.a_inv.data());
+    b.qkv.resize(static_cast<size_t>(T * 3 * d));
+    b.qkv_proj.forward(b.w_qkv.data(), b.a.data(), T, b.qkv.data());
+    nn::rope_apply(b.qkv.data(), B, S, H, Dh, c.rope_base, false);
+    b.probs.resize(static_cast<size_t>(B * H * S * S));
+    b.attn.resize(static_cast<size_t>(T * d));
+    nn::attention_forward(b.qkv.data(), B, S, H, Dh, b.attn.data(), b.probs.data());
+    b.out_proj.forward(b.w_o.data(), b.attn.data(), T, projected.data());
+    b.h_mid.resize(b.h_in.size());
+    add_into(b.h_mid.data(), b.h_in.data(), projected.data(), T * d);
+    b.f.resize(b.h_in.size());
+    b.f_inv.resize(static_cast<size_t>(T));
+    nn::rmsnorm_forward(b.h_mid.data(), b.ffn_norm.data(), T, d, static_cast<float>(c.norm_eps),
+                        b.f.data(), b.f_inv.data());
+    b.ffn_out.resize(b.h_in.size());
+    if (b.switch_ffn) {
+      b.switch_ffn->forward(b.f.data(), DType::float32, T, training, b.ffn_out.data());
+    } else {
+      b.dense_ffn->forward(b.f.data(), DType::float32, T, training, b.ffn_out.data());
+    }
+    // The next block's input; the last one's is h_final_.
+    h_final_.resize(b.h_in.size());
+    add_into(h_final_.data(), b.h_mid.data(), b.ffn_out.data(), T * d);
+    h = &h_final_;
+  }
+  z_.resize(static_cast<size_t>(T * d));
+  z_inv_rms_.resize(static_cast<size_t>(T));
+  nn::rmsnorm_forward(h_final_.data(), final_norm_.data(), T, d, static_cast<float>(c.norm_eps),
+                      z_.data(), z_inv_rms_.data());
+  logits_.resize(static_cast<size_t>(T * V));
+  // The tied output head: logits = z @ embed^T, in float32 (the loss is float32).
+  detail::gemm(DType::float32, false, true, T, V, d, 1.0f, z_.data(), d, embed_.data(), d, 0.0f,
+               logits_.data(), V);
+}
+
+LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool training,
+                         bool backward, int64_t loss_tokens) {
+  const SwitchLMConfig& c = config_;
+  PYSWITCH_CHECK_ARG(B >= 1 && S >= 1, "SwitchLM.step: tokens must have shape (B, S + 1) with ",
+                     "B, S >= 1, got B=", B, " S=", S);
+  PYSWITCH_CHECK_ARG(loss_tokens >= 1, "SwitchLM.step: loss_tokens must be >= 1, got ",
+                     loss_tokens);
+  const int64_t d = c.d_model, T = B * S, H = c.num_heads, Dh = d / H, V = c.vocab_size;
+  std::vector<int32_t> inputs(static_cast<size_t>(T)), targets(static_cast<size_t>(T));
+  for (int64_t b = 0; b < B; ++b) {
+    std::copy_n(tokens + b * (S + 1), S, inputs.data() + b * S);
+    std::copy_n(tokens + b * (S + 1) + 1, S, targets.data() + b * S);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    PYSWITCH_CHECK_ARG(targets[static_cast<size_t>(t)] >= 0 && targets[static_cast<size_t>(t)] < V,
+                       "SwitchLM.step: token ", targets[static_cast<size_t>(t)],
+                       " is outside the vocabulary [0, ", V, ")");
+  }
+  forward(inputs.data(), B, S, training);
+  const float scale = static_cast<float>(1.0 / static_cast<double>(loss_tokens));
+  d_logits_.resize(backward ? logits_.size() : 0);
+  const double ce_sum = nn::cross_entropy(logits_.data(), targets.data(), T, V, scale,
+                                          backward ? d_logits_.data() : nullptr);
+  LossParts loss;
+  loss.tokens = T;
+  loss.ce = ce_sum / static_cast<double>(loss_tokens);
+  for (auto& bp : blocks_) {
+    if (bp->switch_ffn) {
+      loss.aux += bp->switch_ffn->aux_loss();
+      loss.z += bp->switch_ffn->z_loss();
+    }
+  }
+  loss.total = loss.ce + loss.aux + loss.z;
+  if (!backward) return loss;
+
+  // Output head and final norm.
+  std::vector<float> dz(static_cast<size_t>(T * d)), dh(static_cast<size_t>(T * d));
+  detail::gemm(DType::float32, false, false, T, d, V, 1.0f, d_logits_.data(), V, embed_.data(), d,
+               0.0f, dz.data(), d);
+  detail::gemm(DType::float32, true, false, V, d, T, 1.0f, d_logits_.data(), V, z_.data(), d, 0.0f,
+               embed_grad_.data(), d);
+  nn::rmsnorm_backward(dz.data(), h_final_.data(), final_norm_.data(), z_inv_rms_.data(), T, d,
+                       dh.data(), final_norm_grad_.data());
+  std::vector<float> d_branch(static_cast<size_t>(T * d)), d_norm(static_cast<size_t>(T * d));
+  std::vector<float> d_qkv(static_cast<size_t>(T * 3 * d));
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    Block& b = **it;
+    // h_out = h_mid + ffn(norm(h_mid))
+    if (b.switch_ffn) {
+      b.switch_ffn->backward(dh.data(), d_branch.data());
+    } else {
+      b.dense_ffn->backward(dh.data(), d_branch.data());
+    }
+    nn::rmsnorm_backward(d_branch.data(), b.h_mid.data(), b.ffn_norm.data(), b.f_inv.data(), T, d,
+                         d_norm.data(), b.ffn_norm_grad.data());
+    add_into(dh.data(), dh.data(), d_norm.data(), T * d);  // dh is now d(h_mid)
+    // h_mid = h_in + attention(rope(norm(h_in) W_qkv)) W_o
+    b.out_proj.backward(b.w_o.data(), b.attn.data(), dh.data(), T, d_branch.data(),
+                        b.w_o_grad.data());
+    nn::attention_backward(d_branch.data(), b.qkv.data(), b.probs.data(), B, S, H, Dh,
+                           d_qkv.data());
+    nn::rope_apply(d_qkv.data(), B, S, H, Dh, c.rope_base, /*inverse=*/true);
+    b.qkv_proj.backward(b.w_qkv.data(), b.a.data(), d_qkv.data(), T, d_branch.data(),
+                        b.w_qkv_grad.data());
+    nn::rmsnorm_backward(d_branch.data(), b.h_in.data(), b.attn_norm.data(), b.a_inv.data(), T, d,
+                         d_norm.data(), b.attn_norm_grad.data());
+    add_into(dh.data(), dh.data(), d_norm.data(), T * d);  // d(h_in)
+  }
+  nn::embedding_backward(dh.data(), inputs.data(), T, V, d, embed_grad_.data());
+  return loss;
+}
+
+void SwitchLM::logits(const int32_t* tokens, int64_t B, int64_t S, float* out) {
+  PYSWITCH_CHECK_ARG(B >= 1 && S >= 1, "SwitchLM.logits: tokens must have shape (B, S) with B, ",
+                     "S >= 1, got B=", B, " S=", S);
+  forward(tokens, B, S, /*training=*/false);
+  std::copy(logits_.begin(), logits_.end(), out);
+}
+
+std::vector<moe::SwitchStats> SwitchLM::switch_stats() const {
+  std::vector<moe::SwitchStats> out;
+  for (const auto& bp : blocks_) {
+    if (bp->switch_ffn && bp->switch_ffn->has_forward()) out.push_back(bp->switch_ffn->stats());
+  }
+  return out;
+}
+
+}  // namespace pyswitch::model

@@ -1,0 +1,272 @@
+// The language model's ops: RMSNorm, RoPE, causal attention, Linear, embedding, cross-entropy.
+#include "pyswitch/nn/ops.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "gemm.hpp"
+#include "parallel.hpp"
+#include "pyswitch/error.hpp"
+
+namespace pyswitch::nn {
+namespace {
+
+constexpr int64_t kRows = 64;  // rows per unit of parallel work
+
+}  // namespace
+
+void rmsnorm_forward(const float* x, const float* weight, int64_t T, int64_t d, float eps, float* y,
+                     float* inv_rms) {
+  detail::parallel_for(detail::ceil_div(T, kRows), [&](int64_t b) {
+    const int64_t end = std::min(T, (b + 1) * kRows);
+    for (int64_t t = b * kRows; t < end; ++t) {
+      const float* row = x + t * d;
+      double squares = 0;
+      for (int64_t j = 0; j < d; ++j) squares += static_cast<double>(row[j]) * row[j];
+      const float inv = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(d) + eps));
+      inv_rms[t] = inv;
+      float* out = y + t * d;
+      for (int64_t j = 0; j < d; ++j) out[j] = row[j] * inv * weight[j];
+    }
+  });
+}
+
+void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* inv_rms,
+                      int64_t T, int64_t d, float* dx, float* d_weight) {
+  const int64_t blocks = detail::ceil_div(T, kRows);
+  std::vector<double> partial(static_cast<size_t>(blocks * d), 0.0);
+  detail::parallel_for(blocks, [&](int64_t b) {
+    const int64_t end = std::min(T, (b + 1) * kRows);
+    double* dw = partial.data() + b * d;
+    for (int64_t t = b * kRows; t < end; ++t) {
+      const float* row = x + t * d;
+      const float* g = dy + t * d;
+      const double inv = inv_rms[t];
+      double dot = 0;  // sum_j dy_j w_j x_j
+      for (int64_t j = 0; j < d; ++j) {
+        dot += static_cast<double>(g[j]) * weight[j] * row[j];
+        dw[j] += static_cast<double>(g[j]) * row[j] * inv;
+      }
+      const double coef = inv * inv * inv * dot / static_cast<double>(d);
+      float* out = dx + t * d;
+      for (int64_t j = 0; j < d; ++j) {
+        out[j] = static_cast<float>(inv * weight[j] * g[j] - coef * row[j]);
+      }
+    }
+  });
+  for (int64_t j = 0; j < d; ++j) {
+    double sum = 0;
+    for (int64_t b = 0; b < blocks; ++b) sum += partial[static_cast<size_t>(b * d + j)];
+    d_weight[j] = static_cast<float>(sum);
+  }
+}
+
+void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double base,
+                bool inverse) {
+  PYSWITCH_CHECK_ARG(Dh % 2 == 0, "rope: the head dimension must be even, got ", Dh);
+  const int64_t half = Dh / 2, width = 3 * H * Dh;
+  std::vector<float> cos_table(static_cast<size_t>(S * half)), sin_table(cos_table.size());
+  for (int64_t p = 0; p < S; ++p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle =
+          static_cast<double>(p) * std::pow(base, -2.0 * static_cast<double>(i) / Dh);
+      cos_table[static_cast<size_t>(p * half + i)] = static_cast<float>(std::cos(angle));
+      sin_table[static_cast<size_t>(p * half + i)] =
+          static_cast<float>(inverse ? -std::sin(angle) : std::sin(angle));
+    }
+  }
+  const int64_t rows = B * S;
+  detail::parallel_for(detail::ceil_div(rows, kRows), [&](int64_t b) {
+    const int64_t end = std::min(rows, (b + 1) * kRows);
+    for (int64_t r = b * kRows; r < end; ++r) {
+      const float* c = cos_table.data() + (r % S) * half;
+      const float* s = sin_table.data() + (r % S) * half;
+      for (int64_t part = 0; part < 2; ++part) {  // q, then k
+        for (int64_t h = 0; h < H; ++h) {
+          float* v = qkv + r * width + part * H * Dh + h * Dh;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = v[i], x2 = v[i + half];
+            v[i] = x1 * c[i] - x2 * s[i];
+            v[i + half] = x1 * s[i] + x2 * c[i];
+          }
+        }
+      }
+    }
+  });
+}
+
+void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, float* out,
+                       float* probs) {
+  const int64_t width = 3 * H * Dh, out_width = H * Dh;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+  detail::parallel_for(B * H, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const float* q = qkv + b * S * width + h * Dh;
+    const float* k = q + H * Dh;
+    const float* v = q + 2 * H * Dh;
+    float* p = probs + bh * S * S;
+    detail::gemm_serial(DType::float32, false, true, S, S, Dh, scale, q, width, k, width, 0.0f, p,
+                        S);
+    for (int64_t i = 0; i < S; ++i) {
+      float* row = p + i * S;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
+      float sum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+      std::fill(row + i + 1, row + S, 0.0f);
+    }
+    detail::gemm_serial(DType::float32, false, false, S, Dh, S, 1.0f, p, S, v, width, 0.0f,
+                        out + b * S * out_width + h * Dh, out_width);
+  });
+}
+
+void attention_backward(const float* d_out, const float* qkv, const float* probs, int64_t B,
+                        int64_t S, int64_t H, int64_t Dh, float* d_qkv) {
+  const int64_t width = 3 * H * Dh, out_width = H * Dh;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+  detail::parallel_for(B * H, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const float* q = qkv + b * S * width + h * Dh;
+    const float* k = q + H * Dh;
+    const float* v = q + 2 * H * Dh;
+    const float* p = probs + bh * S * S;
+    const float* g = d_out + b * S * out_width + h * Dh;
+    float* dq = d_qkv + b * S * width + h * Dh;
+    float* dk = dq + H * Dh;
+    float* dv = dq + 2 * H * Dh;
+    std::vector<float> ds(static_cast<size_t>(S * S));
+    // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)).
+    detail::gemm_serial(DType::float32, false, true, S, S, Dh, 1.0f, g, out_width, v, width, 0.0f,
+                        ds.data(), S);
+    for (int64_t i = 0; i < S; ++i) {
+      float* row = ds.data() + i * S;
+      const float* prow = p + i * S;
+      float dot = 0;
+      for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];
+      for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
+      std::fill(row + i + 1, row + S, 0.0f);
+    }
+    detail::gemm_serial(DType::float32, true, false, S, Dh, S, 1.0f, p, S, g, out_width, 0.0f, dv,
+                        width);
+    detail::gemm_serial(DType::float32, false, false, S, Dh, S, scale, ds.data(), S, k, width, 0.0f,
+                        dq, width);
+    detail::gemm_serial(DType::float32, true, false, S, Dh, S, scale, ds.data(), S, q, width, 0.0f,
+                        dk, width);
+  });
+}
+
+Linear::Linear(int64_t in_features, int64_t out_features, DType compute)
+    : in_(in_features), out_(out_features), compute_(compute) {
+  PYSWITCH_CHECK_ARG(in_features >= 1 && out_features >= 1,
+                     "Linear: in_features and out_features must be >= 1, got ", in_features,
+                     " and ", out_features);
+}
+
+void Linear::forward(const float* weight, const float* x, int64_t T, float* y) {
+  if (compute_ == DType::float32) {
+    detail::gemm(DType::float32, false, false, T, out_, in_, 1.0f, x, in_, weight, out_, 0.0f, y,
+                 out_);
+    return;
+  }
+  x_bf16_.resize(static_cast<size_t>(T * in_));
+  w_bf16_.resize(static_cast<size_t>(in_ * out_));
+  convert_f32_to_bf16(x, x_bf16_.data(), T * in_);
+  convert_f32_to_bf16(weight, w_bf16_.data(), in_ * out_);
+  detail::gemm(DType::bfloat16, false, false, T, out_, in_, 1.0f, x_bf16_.data(), in_,
+               w_bf16_.data(), out_, 0.0f, y, out_);
+}
+
+void Linear::backward(const float* weight, const float* x, const float* dy, int64_t T, float* dx,
+                      float* d_weight) {
+  if (compute_ == DType::float32) {
+    if (dx) {
+      detail::gemm(DType::float32, false, true, T, in_, out_, 1.0f, dy, out_, weight, out_, 0.0f,
+                   dx, in_);
+    }
+    detail::gemm(DType::float32, true, false, in_, out_, T, 1.0f, x, in_, dy, out_, 0.0f, d_weight,
+                 out_);
+    return;
+  }
+  // The forward's bf16 copies of x and W are still current (same step).
+  dy_bf16_.resize(static_cast<size_t>(T * out_));
+  convert_f32_to_bf16(dy, dy_bf16_.data(), T * out_);
+  if (dx) {
+    detail::gemm(DType::bfloat16, false, true, T, in_, out_, 1.0f, dy_bf16_.data(), out_,
+                 w_bf16_.data(), out_, 0.0f, dx, in_);
+  }
+  detail::gemm(DType::bfloat16, true, false, in_, out_, T, 1.0f, x_bf16_.data(), in_,
+               dy_bf16_.data(), out_, 0.0f, d_weight, out_);
+  (void)weight;
+  (void)x;
+}
+
+void embedding_forward(const float* table, int64_t V, int64_t d, const int32_t* tokens, int64_t T,
+                       float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    PYSWITCH_CHECK_ARG(tokens[t] >= 0 && tokens[t] < V, "embedding: token ", t, " is ", tokens[t],
+                       ", outside the vocabulary [0, ", V, ")");
+  }
+  detail::parallel_for(detail::ceil_div(T, kRows), [&](int64_t b) {
+    const int64_t end = std::min(T, (b + 1) * kRows);
+    for (int64_t t = b * kRows; t < end; ++t) {
+      std::copy_n(table + static_cast<int64_t>(tokens[t]) * d, d, out + t * d);
+    }
+  });
+}
+
+void embedding_backward(const float* d_out, const int32_t* tokens, int64_t T, int64_t V, int64_t d,
+                        float* d_table) {
+  // Each unit owns a range of vocabulary rows and adds its tokens in token order.
+  constexpr int64_t kVocabRows = 8;
+  detail::parallel_for(detail::ceil_div(V, kVocabRows), [&](int64_t b) {
+    const int64_t first = b * kVocabRows, last = std::min(V, first + kVocabRows);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t v = tokens[t];
+      if (v < first || v >= last) continue;
+      float* row = d_table + v * d;
+      const float* g = d_out + t * d;
+      for (int64_t j = 0; j < d; ++j) row[j] += g[j];
+    }
+  });
+}
+
+double cross_entropy(const float* logits, const int32_t* targets, int64_t T, int64_t V,
+                     float grad_scale, float* d_logits) {
+  for (int64_t t = 0; t < T; ++t) {
+    PYSWITCH_CHECK_ARG(targets[t] >= 0 && targets[t] < V, "cross_entropy: target ", t, " is ",
+                       targets[t], ", outside [0, ", V, ")");
+  }
+  const int64_t blocks = detail::ceil_div(T, kRows);
+  std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
+  detail::parallel_for(blocks, [&](int64_t b) {
+    const int64_t end = std::min(T, (b + 1) * kRows);
+    double loss = 0;
+    for (int64_t t = b * kRows; t < end; ++t) {
+      const float* row = logits + t * V;
+      const float mx = *std::max_element(row, row + V);
+      double sum = 0;
+      for (int64_t j = 0; j < V; ++j) sum += std::exp(static_cast<double>(row[j] - mx));
+      const double lse = static_cast<double>(mx) + std::log(sum);
+      loss += lse - row[targets[t]];
+      if (d_logits) {
+        float* out = d_logits + t * V;
+        for (int64_t j = 0; j < V; ++j) {
+          out[j] = static_cast<float>(std::exp(static_cast<double>(row[j]) - lse) * grad_scale);
+        }
+        out[targets[t]] -= grad_scale;
+      }
+    }
+    partial[static_cast<size_t>(b)] = loss;
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+}  // namespace pyswitch::nn
