@@ -987,7 +987,17 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_parameters",
                              [](PySwitchLM& w) { return w.layer.num_parameters(); })
       .def("is_switch_layer",
-           [](PySwitchLM& w, int64_t l) { return w.layer.is_switch_layer(l); });
+           [](PySwitchLM& w, int64_t l) { return w.layer.is_switch_layer(l); })
+      .def_property(
+          "training_steps",
+          [](PySwitchLM& w) {
+            std::lock_guard<std::mutex> lock(w.mutex);
+            return w.layer.training_steps();
+          },
+          [](PySwitchLM& w, uint64_t steps) {
+            std::lock_guard<std::mutex> lock(w.mutex);
+            w.layer.set_training_steps(steps);
+          });
 
   m.def(
       "adamw_step",

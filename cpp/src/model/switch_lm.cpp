@@ -158,8 +158,21 @@ int64_t SwitchLM::num_parameters() const {
   return total;
 }
 
+void SwitchLM::set_training_steps(uint64_t steps) {
+  training_steps_ = steps;
+  for (auto& bp : blocks_) {
+    if (bp->switch_ffn) bp->switch_ffn->set_training_steps(steps);
+    if (bp->dense_ffn) bp->dense_ffn->set_training_steps(steps);
+  }
+}
+
 void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool training) {
   const SwitchLMConfig& c = config_;
+  if (training) {
+    // Every layer draws from its own counter; keep them at the model's (see set_training_steps).
+    set_training_steps(training_steps_);
+    ++training_steps_;
+  }
   const int64_t d = c.d_model, T = B * S, H = c.num_heads, Dh = d / H, V = c.vocab_size;
   B_ = B;
   S_ = S;

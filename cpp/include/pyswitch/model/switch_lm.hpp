@@ -93,6 +93,11 @@ class SwitchLM {
   /// Routing statistics of the last forward, per Switch layer (this rank's tokens).
   std::vector<moe::SwitchStats> switch_stats() const;
 
+  /// The random state (training forwards so far): jitter and dropout draws are indexed by it.
+  /// A checkpoint saves it; set it when resuming so the run continues bit for bit.
+  uint64_t training_steps() const { return training_steps_; }
+  void set_training_steps(uint64_t steps);
+
  private:
   struct Block;
   void forward(const int32_t* inputs, int64_t B, int64_t S, bool training);
@@ -103,6 +108,7 @@ class SwitchLM {
   std::vector<std::unique_ptr<Block>> blocks_;
   // Forward state kept for the backward.
   int64_t B_ = 0, S_ = 0;
+  uint64_t training_steps_ = 0;
   std::vector<int32_t> inputs_;
   std::vector<float> h0_, h_final_, z_, z_inv_rms_, logits_, d_logits_;
 };

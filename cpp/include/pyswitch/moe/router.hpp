@@ -161,6 +161,10 @@ class Router {
   const RoutingPlan& forward_plan() const { return plan_; }
   /// The dtype of the last forward's x, which is also the dtype backward writes dx in.
   DType forward_dtype() const { return x_dtype_; }
+  /// Jitter draws so far (training forwards with jitter): the random state a checkpoint saves,
+  /// so that a resumed run draws the same noise.
+  uint64_t training_steps() const { return training_steps_; }
+  void set_training_steps(uint64_t steps) { training_steps_ = steps; }
 
  private:
   int64_t d_model_, num_experts_;

@@ -96,6 +96,14 @@ class SwitchFFN {
   int64_t forward_tokens() const { return tokens_; }
   /// Statistics of this rank's tokens in the last forward.
   SwitchStats stats() const;
+  /// The random state: training forwards drawn so far by jitter and by expert dropout (each
+  /// counts only while it is enabled). Saved by checkpoints; restoring it makes a resumed run
+  /// draw the same numbers.
+  uint64_t training_steps() const { return router_.training_steps(); }
+  void set_training_steps(uint64_t steps) {
+    router_.set_training_steps(steps);
+    training_steps_ = steps;
+  }
 
  private:
   // Expert parallelism: the exchange plan of the last forward, in rows.
@@ -161,6 +169,9 @@ class DenseFFN {
   bool has_forward() const { return has_forward_; }
   DType forward_dtype() const { return x_dtype_; }
   int64_t forward_tokens() const { return tokens_; }
+  /// Dropout draws so far (see SwitchFFN::training_steps).
+  uint64_t training_steps() const { return training_steps_; }
+  void set_training_steps(uint64_t steps) { training_steps_ = steps; }
 
  private:
   ExpertShape shape_;
