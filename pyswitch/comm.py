@@ -46,6 +46,9 @@ from .runtime import _as_int
 
 _OPS = ("sum", "max", "min", "mean")
 
+# Arrays of MPI calls that failed while MPI may still write into them; never freed.
+_FAILED_CALL_BUFFERS: list = []
+
 
 def _rows(x: np.ndarray) -> tuple[int, int]:
     """(rows, elements per row) of an array, treating a 0-d array as one row of one element."""
@@ -108,6 +111,18 @@ class Communicator:
         except CommError as exc:
             raise type(exc)(f"{op}: {exc}") from None
 
+    def _run(self, call, *arrays):
+        """Runs a core call on `arrays`; if it fails, they are kept alive for good when the
+        backend may still write into them (MPI cannot cancel a started collective)."""
+        try:
+            return call()
+        except CommError:
+            if self._keeps_failed_buffers:
+                _FAILED_CALL_BUFFERS.extend(arrays)
+            raise
+
+    _keeps_failed_buffers = False
+
     def _check_shape(self, x: np.ndarray, *, rows_may_differ=False) -> None:
         """Makes the next collective check that every rank passes an array of this shape (the
         trailing shape when row counts may differ): the core compares it with op, dtype and
@@ -133,7 +148,7 @@ class Communicator:
         rows, per_row = self._equal_blocks("all_to_all", x)
         out = np.empty_like(x)
         self._check_shape(x)
-        self._impl.all_to_all(x, out, (rows // self.size) * per_row)
+        self._run(lambda: self._impl.all_to_all(x, out, (rows // self.size) * per_row), x, out)
         return out
 
     def all_to_all_v(
@@ -194,7 +209,9 @@ class Communicator:
                 f"{x.dtype} and shape (rows, *{x.shape[1:]}), got "
                 + (f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else repr(out))
             )
-        return self._impl.all_to_all_v_rows(x, counts, per_row, check, out)
+        return self._run(
+            lambda: self._impl.all_to_all_v_rows(x, counts, per_row, check, out), x, counts, out
+        )
 
     def all_reduce(self, x: np.ndarray, op: str = "sum", *, out: np.ndarray | None = None):
         """Elementwise reduction over ranks (rank order; bf16 accumulates in float32).
@@ -219,7 +236,7 @@ class Communicator:
                 + (f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else repr(out))
             )
         self._check_shape(x)
-        self._impl.all_reduce(x, out, x.size, op)
+        self._run(lambda: self._impl.all_reduce(x, out, x.size, op), x, out)
         return out
 
     def all_gather(self, x: np.ndarray) -> np.ndarray:
@@ -227,7 +244,7 @@ class Communicator:
         x = _check_array("all_gather", x)
         out = np.empty((self.size,) + x.shape, dtype=x.dtype)
         self._check_shape(x)
-        self._impl.all_gather(x, out, x.size)
+        self._run(lambda: self._impl.all_gather(x, out, x.size), x, out)
         return out
 
     def reduce_scatter(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
@@ -237,7 +254,7 @@ class Communicator:
         rows, per_row = self._equal_blocks("reduce_scatter", x)
         out = np.empty((rows // self.size,) + x.shape[1:], dtype=x.dtype)
         self._check_shape(x)
-        self._impl.reduce_scatter(x, out, out.size, op)
+        self._run(lambda: self._impl.reduce_scatter(x, out, out.size, op), x, out)
         return out
 
     def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
@@ -248,7 +265,7 @@ class Communicator:
             raise ValueError(f"broadcast: root must be in [0, {self.size}), got {root}")
         out = np.array(x, copy=True, order="C")
         self._check_shape(x)
-        self._impl.broadcast(out, out.size, root)
+        self._run(lambda: self._impl.broadcast(out, out.size, root), out)
         return out
 
     def barrier(self) -> None:
@@ -321,6 +338,7 @@ class MPIComm(Communicator):
             )
         impl = _mpi.MPIComm(comm.py2f(), timeout)
         super().__init__(impl, impl.poison)
+        self._keeps_failed_buffers = True
         self.mpi4py_comm = comm
 
     def poison(self, reason: str) -> None:

@@ -1127,7 +1127,13 @@ PYBIND11_MODULE(_core, m) {
               throw InvalidArgument(
                   detail::concat("all_to_all_v: send_counts must have ", W, " entries"));
             }
-            std::vector<int64_t> send_rows(rows.data(), rows.data() + W), recv_rows(W);
+            // After a failed call MPI may still write into its buffers (see comm/mpi.hpp):
+            // buffers of a failed exchange are left allocated on purpose.
+            auto send_rows_owner =
+                std::make_unique<std::vector<int64_t>>(rows.data(), rows.data() + W);
+            auto recv_rows_owner = std::make_unique<std::vector<int64_t>>(W);
+            std::vector<int64_t>& send_rows = *send_rows_owner;
+            std::vector<int64_t>& recv_rows = *recv_rows_owner;
             {
               py::gil_scoped_release release;
               c.set_next_call_check(check);
@@ -1135,8 +1141,12 @@ PYBIND11_MODULE(_core, m) {
               try {
                 c.all_to_all(send_rows.data(), recv_rows.data(), 1, comm::CommDType::int64);
               } catch (const CommTimeout& e) {
+                send_rows_owner.release();
+                recv_rows_owner.release();
                 throw CommTimeout(std::string("all_to_all_v: ") + e.what());
               } catch (const CommError& e) {
+                send_rows_owner.release();
+                recv_rows_owner.release();
                 throw CommError(std::string("all_to_all_v: ") + e.what());
               }
             }
@@ -1157,25 +1167,30 @@ PYBIND11_MODULE(_core, m) {
             // A caller's buffer is used when it fits (checked by the Python wrapper: dtype,
             // trailing shape, contiguity); it cannot be refused collectively here, so a buffer
             // that is too small just means a new array.
-            py::array out;
+            std::optional<py::array> out;
             if (!out_obj.is_none()) {
               py::array given = py::reinterpret_borrow<py::array>(out_obj);
               if (given.ndim() >= 1 && given.shape(0) >= shape[0]) {
                 py::slice first_rows(0, static_cast<py::ssize_t>(shape[0]), 1);
-                out = given[py::make_tuple(first_rows, py::ellipsis())];
+                out = py::reinterpret_borrow<py::array>(
+                    given[py::make_tuple(first_rows, py::ellipsis())]);
               }
             }
             if (!out) out = py::array(x.dtype(), shape);
             const void* send = x.data();
-            void* recv = out.mutable_data();
-            {
+            void* recv = out->mutable_data();
+            try {
               py::gil_scoped_release release;
               c.all_to_all_v(send, send_counts.data(), send_displs.data(), recv,
                              recv_counts.data(), recv_displs.data(), dt);
+            } catch (const CommError&) {
+              out->inc_ref();  // the output and the input stay allocated (see above)
+              x.inc_ref();
+              throw;
             }
             py::array_t<int64_t> recv_rows_array(W);
             std::copy(recv_rows.begin(), recv_rows.end(), recv_rows_array.mutable_data());
-            return py::make_tuple(out, recv_rows_array);
+            return py::make_tuple(*out, recv_rows_array);
           },
           py::arg("x"), py::arg("send_rows"), py::arg("per_row"), py::arg("check"),
           py::arg("out") = py::none())

@@ -12,8 +12,9 @@ Rules that keep the ranks in step (so that a failure can never turn into a hang)
 * Every collective has a timeout; tests record their check failures in a :class:`Failures`
   (mpi_utils.py) and raise them together on every rank at the end of the test.
 * After each test, the ``_resync`` fixture passes a barrier on a fresh ``MPIComm``.
-* If this rank's session fails, it aborts the MPI job once its report is printed, so that no
-  rank waits forever for a peer that stopped early (``-x``) or lost count.
+* At the end the ranks meet at a barrier; a rank that waits there in vain (a peer stopped
+  early, e.g. ``-x``, or lost count) aborts the MPI job once its report is printed, so that no
+  rank waits forever.
 """
 
 import os
@@ -35,6 +36,8 @@ _LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "
 
 #: Seconds the default ``comm`` fixture and the resynchronising barrier may wait.
 DEFAULT_TIMEOUT = 60.0
+#: Seconds a rank that finished waits at the end for the others before aborting the job.
+FINAL_TIMEOUT = 60.0
 
 
 def _mpi_world():
@@ -79,18 +82,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    if MPI is not None:
+        from pyswitch.comm import MPIComm
+
+        # Made here, at the same point on every rank, for the closing barrier.
+        config._pyswitch_mpi_final = MPIComm(timeout=FINAL_TIMEOUT)
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config._pyswitch_mpi_exitstatus = int(exitstatus)
 
 
 def pytest_unconfigure(config):
-    # After the terminal summary: a rank whose session failed takes the job down, rather than
-    # leave the others blocked in MPI (e.g. in a communicator construction it no longer makes).
-    status = getattr(config, "_pyswitch_mpi_exitstatus", 0)
-    if MPI is not None and status not in (0, 5):  # 5: no tests collected
+    # After the terminal summary: the ranks meet once more. If one does not come (it stopped
+    # early, e.g. -x, or lost count of the communicator constructions and is blocked in one),
+    # this rank takes the job down rather than leave the others blocked in MPI forever.
+    final = getattr(config, "_pyswitch_mpi_final", None)
+    if final is None:
+        return
+    import pyswitch
+
+    status = getattr(config, "_pyswitch_mpi_exitstatus", 1)
+    try:
+        final.barrier()
+    except pyswitch.CommError as exc:
+        print(f"\nrank {final.rank}: the ranks did not finish together ({exc}); MPI_Abort")
         sys.stdout.flush()
         sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(status)
+        MPI.COMM_WORLD.Abort(status or 1)
 
 
 @pytest.fixture

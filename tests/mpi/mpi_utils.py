@@ -41,8 +41,9 @@ class Failures:
         return bool(self.messages)
 
     def add(self, what, exc):
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
-        self.messages.append(f"rank {self.rank}: {what}: {type(exc).__name__}: {exc}\n{tb}")
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        self.messages.append(f"rank {self.rank}: {what}: {type(exc).__name__}: {exc}{where}")
 
     @contextlib.contextmanager
     def check(self, what):

@@ -16,6 +16,7 @@ root, non-C-contiguous and read-only inputs. Checks record failures and raise th
 rank at the end (mpi_utils.Failures), so a wrong result never desynchronises the ranks.
 """
 
+import inspect
 import itertools
 import socket
 import time
@@ -380,3 +381,38 @@ def test_attributes_and_bad_arguments(comm):
         MPIComm(object(), timeout=5)
     with pytest.raises(ValueError, match="COMM_NULL"):
         MPIComm(MPI.COMM_NULL, timeout=5)
+
+
+def _takes_out(method):
+    return "out" in inspect.signature(method).parameters
+
+
+def test_out_buffers(comm):
+    """``out=`` where offered: all_reduce in place; all_to_all_v into a larger buffer (y is a
+    view of its first rows) or, when the buffer is too small, into a new array."""
+    if not (_takes_out(MPIComm.all_reduce) and _takes_out(MPIComm.all_to_all_v)):
+        pytest.skip("this pyswitch has no out= on all_reduce / all_to_all_v")
+    world = comm.size
+    failures = Failures(comm.rank)
+    rng = np.random.default_rng([31, world])
+    xs = [make_values(rng, (4, 3), F32) for _ in range(world)]
+    x = xs[comm.rank].copy()
+    y = comm.all_reduce(x, out=x)
+    with failures.check("all_reduce out=x"):
+        assert y is x and x.tobytes() == ref_reduce(xs, "sum").tobytes()
+    counts = rng.integers(0, 4, size=(world, world))
+    step = make_step("all_to_all_v", world, seed=3, rest=(5,), counts=counts.tolist())
+    x, send = step.calls[comm.rank][0]
+    recv_rows = int(counts[:, comm.rank].sum())
+    for extra in (0, 3, -1):
+        # Every rank makes the call (the buffer size may differ by rank, the calls may not).
+        buf = np.full((max(recv_rows + extra, 0), 5), -7.0, np.float32)
+        y, recv = comm.all_to_all_v(x, send, out=buf)
+        with failures.check(f"all_to_all_v out with {extra} spare rows"):
+            check_result(step, comm.rank, (y, recv))
+            if buf.shape[0] >= recv_rows:
+                assert np.shares_memory(y, buf) or y.size == 0, "y is not a view of out"
+                assert (buf[recv_rows:] == -7.0).all(), "rows past y were written"
+            else:
+                assert not np.shares_memory(y, buf) and (buf == -7.0).all()
+    failures.raise_on_all(comm)

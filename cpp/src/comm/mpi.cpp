@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <thread>
 #include <vector>
@@ -93,6 +94,8 @@ struct MPIComm::State {
   bool poisoned = false;
   bool by_timeout = false;
   bool told_peers = false;
+  uint64_t completed = 0;       // the last call this rank completed
+  uint64_t peer_completed = 0;  // the last call the rank that poisoned the group completed
   std::string reason;
   MPI_Request control_recv = MPI_REQUEST_NULL;
   std::vector<char> control_buffer = std::vector<char>(kPoisonBytes, 0);
@@ -107,35 +110,54 @@ struct MPIComm::State {
   }
 
   // Tells every peer that this rank failed. Non-blocking: the messages are small, and their
-  // requests are only tested later, never waited on.
-  void tell_peers(const std::string& text) {
+  // requests are only tested later, never waited on. The first byte says whether the failure
+  // was a timeout, so that peers report it as one too.
+  void tell_peers(const std::string& text, bool timeout) {
     if (told_peers || size == 1) return;
     told_peers = true;
-    poison_text = detail::concat("rank ", rank, ": ", text).substr(0, kPoisonBytes - 1);
+    // "<T|E><last call this rank completed>:<text>"
+    poison_text = detail::concat(timeout ? "T" : "E", completed, ":rank ", rank, ": ", text);
+    poison_text.resize(std::min<size_t>(poison_text.size(), kPoisonBytes - 1));
     for (int peer = 0; peer < size; ++peer) {
       if (peer == rank) continue;
       MPI_Request request;
-      if (MPI_Isend(poison_text.c_str(), static_cast<int>(poison_text.size() + 1), MPI_CHAR,
-                     peer, kPoisonTag, control, &request) == MPI_SUCCESS) {
+      if (MPI_Isend(poison_text.c_str(), static_cast<int>(poison_text.size() + 1), MPI_CHAR, peer,
+                    kPoisonTag, control, &request) == MPI_SUCCESS) {
         poison_sends.push_back(request);
       }
     }
   }
 
-  [[noreturn]] void fail(const Call& call, const std::string& what, bool timeout, bool tell) {
+  // A request given up while MPI may still write into this object's buffers: they are moved
+  // aside and never freed, so that a late write cannot land in reused memory. (The caller's
+  // own buffers of that call are the caller's to keep; see the header.)
+  void abandon_buffers() {
+    static std::vector<std::vector<int64_t>>* kept_words = new std::vector<std::vector<int64_t>>();
+    static std::vector<std::vector<char>>* kept_bytes = new std::vector<std::vector<char>>();
+    kept_words->push_back(std::move(descriptor));
+    kept_words->push_back(std::move(gathered));
+    kept_bytes->push_back(std::move(scratch));
+    descriptor.clear();
+    gathered.clear();
+    scratch.clear();
+  }
+
+  [[noreturn]] void fail(const Call& call, const std::string& what, bool timeout, bool tell,
+                         bool pending) {
     const std::string message = detail::concat(where(call), ": ", what);
     if (!poisoned) {
       poisoned = true;
       by_timeout = timeout;
       reason = message;
     }
-    if (tell) tell_peers(message);
+    if (tell) tell_peers(message, timeout);
+    if (pending) abandon_buffers();
     if (timeout) throw CommTimeout(message);
     throw CommError(message);
   }
 
-  // Throws if a peer has reported a failure (or this rank already failed).
-  void check_poison(const Call& call) {
+  // Whether a peer's report of a failure has arrived (or this rank already failed).
+  bool poison_arrived() {
     if (!poisoned && control_recv != MPI_REQUEST_NULL) {
       int arrived = 0;
       MPI_Status status;
@@ -143,14 +165,24 @@ struct MPIComm::State {
       if (arrived) {
         control_buffer.back() = '\0';
         poisoned = true;
-        reason = control_buffer.data();
+        by_timeout = control_buffer[0] == 'T';
+        char* rest = nullptr;
+        peer_completed = std::strtoull(control_buffer.data() + 1, &rest, 10);
+        reason = rest && *rest == ':' ? rest + 1 : control_buffer.data() + 1;
       }
     }
-    if (poisoned) {
-      const std::string message = detail::concat(where(call), ": the group has failed: ", reason);
-      if (by_timeout) throw CommTimeout(message);
-      throw CommError(message);
-    }
+    return poisoned;
+  }
+
+  [[noreturn]] void throw_poisoned(const Call& call, bool pending) {
+    const std::string message = detail::concat(where(call), ": the group has failed: ", reason);
+    if (pending) abandon_buffers();
+    if (by_timeout) throw CommTimeout(message);
+    throw CommError(message);
+  }
+
+  void check_poison(const Call& call) {
+    if (poison_arrived()) throw_poisoned(call, false);
   }
 
   // Polls `request` until it completes, a peer reports a failure, or the deadline passes.
@@ -161,9 +193,28 @@ struct MPIComm::State {
     for (int polls = 0;; ++polls) {
       int done = 0;
       const int code = MPI_Test(&request, &done, MPI_STATUS_IGNORE);
-      if (code != MPI_SUCCESS) fail(call, "MPI_Test failed: " + mpi_error_text(code), false, true);
-      if (done) return;
-      check_poison(call);
+      if (code != MPI_SUCCESS) {
+        fail(call, "MPI_Test failed: " + mpi_error_text(code), false, true, true);
+      }
+      if (done) {
+        // A request can also complete against a peer's request that the peer has given up
+        // on (it failed in this very call): that is no success.
+        if (poison_arrived() && peer_completed < call.seq) throw_poisoned(call, false);
+        return;
+      }
+      if (poison_arrived()) {
+        // A peer that failed after completing this call (its own work failed, not the call)
+        // must not fail it here: a call every rank has reached stands, as with thread ranks.
+        // Give the request a moment to complete; the next call reports the failure.
+        if (peer_completed >= call.seq) {
+          const auto grace = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+          while (std::chrono::steady_clock::now() < std::min(grace, deadline)) {
+            if (MPI_Test(&request, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && done) return;
+            std::this_thread::yield();
+          }
+        }
+        throw_poisoned(call, true);
+      }
       // Peers usually arrive within microseconds; after that, give the core to them (ranks are
       // often oversubscribed on small machines) and look at the clock less often.
       if (polls > 200) {
@@ -171,8 +222,8 @@ struct MPIComm::State {
         if (polls % 64 == 0 && std::chrono::steady_clock::now() >= deadline) {
           fail(call,
                detail::concat("timed out after ", timeout, " s waiting for the other ranks ",
-                              stage),
-               true, true);
+                              stage, " (MPI does not say which rank is missing)"),
+               true, true, true);
         }
       }
     }
@@ -181,6 +232,8 @@ struct MPIComm::State {
   // Every call starts here: the same-sized gather on every rank, whatever the op, so that any
   // disagreement is seen by all ranks in the same data.
   void agree(const Call& call) {
+    // Calls run one after another: reaching this one means the previous one completed.
+    completed = call.seq - 1;
     check_poison(call);
     const int W = size;
     const int words = kHeaderWords + 2 * W;
@@ -200,7 +253,9 @@ struct MPIComm::State {
     MPI_Request request;
     const int code = MPI_Iallgather(descriptor.data(), words, MPI_INT64_T, gathered.data(), words,
                                     MPI_INT64_T, data, &request);
-    if (code != MPI_SUCCESS) fail(call, "MPI_Iallgather failed: " + mpi_error_text(code), false, true);
+    if (code != MPI_SUCCESS) {
+      fail(call, "MPI_Iallgather failed: " + mpi_error_text(code), false, true, false);
+    }
     wait(request, call, "to enter the call");
     std::vector<Call> calls(static_cast<size_t>(W));
     for (int r = 0; r < W; ++r) {
@@ -218,13 +273,13 @@ struct MPIComm::State {
     }
     const std::string problem = call_disagreement(calls);
     // Every rank saw the same descriptors and reaches the same verdict: no need to tell peers.
-    if (!problem.empty()) fail(call, "ranks disagree on the call: " + problem, false, false);
+    if (!problem.empty()) fail(call, "ranks disagree on the call: " + problem, false, false, false);
   }
 
   // Starts a payload operation (`code` is what the MPI call returned) and waits for it.
   void finish(int code, MPI_Request& request, const Call& call, const char* mpi_call) {
     if (code != MPI_SUCCESS) {
-      fail(call, detail::concat(mpi_call, " failed: ", mpi_error_text(code)), false, true);
+      fail(call, detail::concat(mpi_call, " failed: ", mpi_error_text(code)), false, true, false);
     }
     wait(request, call, "to finish the call");
   }
@@ -287,7 +342,8 @@ void MPIComm::poison(const std::string& reason) {
     s.poisoned = true;
     s.reason = detail::concat("rank ", s.rank, ": ", reason);
   }
-  s.tell_peers(reason);
+  s.completed = s.seq;  // every call made so far has returned (or failed and told the peers)
+  s.tell_peers(reason, false);
 }
 
 namespace {

@@ -12,9 +12,15 @@
 ///   timeout() seconds, never a hang. A rank that fails sends a short "poison" message to its
 ///   peers on a private communicator; a peer waiting in, or later entering, a call throws
 ///   CommError naming that rank and its reason.
+/// - A call every rank has completed stands: a peer that fails right after its part of a call
+///   does not fail that call here (the failure is reported by the next call), as with thread
+///   ranks. A timeout is reported as CommTimeout on the rank that timed out and on the peers it
+///   tells. MPI does not say which rank is missing, so timeout messages cannot name it.
 /// - After a CommError or CommTimeout the communicator is unusable (MPI cannot cancel a started
 ///   collective), and MPI itself may be: end the job (for example MPI_Abort from the application,
-///   or exit). The library never calls MPI_Abort, abort or exit itself.
+///   or exit). The library never calls MPI_Abort, abort or exit itself. Until then MPI may still
+///   write into the buffers of the failed call: keep them allocated (the Python API keeps its
+///   arrays of failed MPI calls alive; this class never frees its own internal ones).
 /// Counts are 64-bit (MPI-4 large-count calls where the library has them, else checked to fit
 /// in int).
 #pragma once
