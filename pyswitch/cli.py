@@ -241,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(pyswitch.build_info(), indent=2))
         return 0
+    from . import CheckpointError
+
     try:
         return commands[args.command](args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError, CheckpointError) as exc:
+        # Bad options, missing or damaged files: a message, not a traceback.
         print(f"pyswitch {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

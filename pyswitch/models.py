@@ -158,6 +158,14 @@ class SwitchLM:
             raise TypeError(f"{where}: tokens must be a numpy array, got {type(tokens).__name__}")
         if tokens.dtype.kind not in "iu":
             raise TypeError(f"{where}: tokens must be integers, got {tokens.dtype}")
+        if tokens.size and (tokens.dtype.itemsize > 4 or tokens.dtype == np.uint32):
+            # Range-check before the int32 cast, which would wrap 2**32 + 65 onto 65.
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"{where}: token {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
         return np.ascontiguousarray(tokens, dtype=np.int32)
 
     def loss_and_grad(self, tokens: np.ndarray, *, loss_tokens: int | None = None) -> dict:
@@ -231,4 +239,3 @@ class SwitchLM:
                 nxt = int(rng.choice(p.size, p=p))
             out.append(nxt)
         return bytes(out[len(prompt) :] if prompt else out[1:])
-

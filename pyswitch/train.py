@@ -95,6 +95,11 @@ def _check_options(o: TrainOptions, c: SwitchLMConfig) -> None:
             f"train: experts={c.num_experts} must be divisible by ranks={o.ranks} (experts are "
             "sharded over the ranks)"
         )
+    if c.d_model % c.num_heads or (c.d_model // c.num_heads) % 2:
+        raise ValueError(
+            "train: d_model must split into num_heads heads of even size (rotary positions "
+            f"rotate pairs), got d_model={c.d_model} and num_heads={c.num_heads}"
+        )
     if o.optimizer not in ("adamw", "adafactor"):
         raise ValueError(f"train: optimizer must be 'adamw' or 'adafactor', got {o.optimizer!r}")
     if o.lr is not None and not (o.lr > 0 and math.isfinite(o.lr)):
@@ -123,6 +128,12 @@ class _Run:
         self.replicated = [n for n in self.model.params if n not in self.model.expert_params]
         if start_state is not None:
             self._restore(*start_state)
+
+    def total_parameters(self) -> int:
+        """The model's parameter count over all ranks (experts are sharded)."""
+        sizes = {n: int(p.size) for n, p in self.model.params.items()}
+        expert = sum(sizes[n] for n in self.model.expert_params)
+        return sum(sizes.values()) - expert + expert * self.world
 
     # ---- checkpoint tensors: whole tensors, experts gathered in rank order ---------------------
     def _is_expert_key(self, key: str) -> bool:
@@ -245,6 +256,11 @@ def _load_or_write_config(run_dir: Path, config: SwitchLMConfig, options: TrainO
             raise ValueError(
                 f"resume: the model options differ from the run's config.json: {changed} "
                 "(saved, given); resume with the same model options"
+            )
+        if int(saved.get("train", {}).get("seed", options.seed)) != options.seed:
+            raise ValueError(
+                f"resume: the run was trained with seed {saved['train']['seed']}, not "
+                f"{options.seed}; the data order depends on it"
             )
         return saved
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +395,7 @@ def _train_rank(
         "val_bits_per_byte": bits_per_byte(last_val),
         "elapsed_s": elapsed,
         "tokens_per_s": (step - start_step) * tokens_per_step / max(elapsed - start_elapsed, 1e-9),
-        "parameters": run.model.num_parameters * (1 if comm is None else 1),
+        "parameters": run.total_parameters(),
     }
     if lead and o.plots:
         try:

@@ -39,6 +39,14 @@ void validate(const SwitchLMConfig& c, const comm::Communicator* comm) {
                      c.num_experts);
   PYSWITCH_CHECK_ARG(c.expert_every >= 1, "SwitchLM: expert_every must be >= 1, got ",
                      c.expert_every);
+  PYSWITCH_CHECK_ARG(std::isfinite(c.rope_base) && c.rope_base > 1.0,
+                     "SwitchLM: rope_base must be finite and > 1, got ", c.rope_base);
+  PYSWITCH_CHECK_ARG(std::isfinite(c.norm_eps) && c.norm_eps > 0,
+                     "SwitchLM: norm_eps must be finite and > 0, got ", c.norm_eps);
+  PYSWITCH_CHECK_ARG(std::isfinite(c.aux_loss_coef) && c.aux_loss_coef >= 0 &&
+                         std::isfinite(c.z_loss_coef) && c.z_loss_coef >= 0,
+                     "SwitchLM: aux_loss_coef and z_loss_coef must be finite and >= 0, got ",
+                     c.aux_loss_coef, " and ", c.z_loss_coef);
   PYSWITCH_CHECK_ARG(c.num_experts == 0 || c.num_layers >= c.expert_every,
                      "SwitchLM: with expert_every=", c.expert_every, " and num_layers=",
                      c.num_layers, " no layer would be a Switch layer");
@@ -235,10 +243,11 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
     std::copy_n(tokens + b * (S + 1), S, inputs.data() + b * S);
     std::copy_n(tokens + b * (S + 1) + 1, S, targets.data() + b * S);
   }
-  for (int64_t t = 0; t < T; ++t) {
-    PYSWITCH_CHECK_ARG(targets[static_cast<size_t>(t)] >= 0 && targets[static_cast<size_t>(t)] < V,
-                       "SwitchLM.step: token ", targets[static_cast<size_t>(t)],
-                       " is outside the vocabulary [0, ", V, ")");
+  // Every token is checked before anything changes (the random state advances per forward).
+  for (int64_t i = 0; i < B * (S + 1); ++i) {
+    PYSWITCH_CHECK_ARG(tokens[i] >= 0 && tokens[i] < V, "SwitchLM.step: token ", tokens[i],
+                       " (row ", i / (S + 1), ", position ", i % (S + 1),
+                       ") is outside the vocabulary [0, ", V, ")");
   }
   forward(inputs.data(), B, S, training);
   const float scale = static_cast<float>(1.0 / static_cast<double>(loss_tokens));

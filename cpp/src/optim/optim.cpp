@@ -132,7 +132,8 @@ double clip_by_global_norm(const std::vector<std::pair<float*, int64_t>>& tensor
                      "clip_by_global_norm: max_norm must be finite and > 0, got ", max_norm);
   std::vector<std::pair<const float*, int64_t>> view(tensors.begin(), tensors.end());
   const double norm = global_norm(view);
-  if (!(norm > max_norm)) return norm;  // also leaves NaN gradients for the caller to see
+  // A non-finite norm scales nothing: the caller sees it and skips the step.
+  if (!std::isfinite(norm) || !(norm > max_norm)) return norm;
   const float scale = static_cast<float>(max_norm / norm);
   for (const auto& [data, n] : tensors) {
     detail::parallel_for(detail::ceil_div(n, kBlock), [&, data = data, n = n](int64_t b) {
