@@ -53,7 +53,12 @@ def run_mpi_worker(ranks: int, quick: bool, tmp: Path):
     except ImportError as exc:
         return None, f"MPI backend not available ({exc})"
     out = tmp / f"mpi_{ranks}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", UCX_LOG_LEVEL="error")
+    import pyswitch
+
+    # The workers import the same pyswitch as this process (a source tree or an installation).
+    where = str(Path(pyswitch.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (where, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", UCX_LOG_LEVEL="error", PYTHONPATH=path)
     cmd = [mpiexec, "-n", str(ranks), sys.executable, str(WORKER), str(out)]
     if quick:
         cmd.append("--quick")
@@ -89,34 +94,37 @@ def time_collective(ps, world, nbytes, op, repeat, warmup):
 
 
 def time_concurrent_memcpy(world, nbytes, repeat, warmup):
-    """Median seconds for `world` threads each copying nbytes at once (np.copyto releases the
-    GIL): the memory traffic of one collective call, without the collective."""
+    """Median seconds for `world` threads each copying nbytes at the same time (np.copyto
+    releases the GIL): the memory traffic of one collective call, without the collective. Each
+    thread times its own copy after a common start; a sample is the slowest thread's time."""
     n = nbytes // 4
     srcs = [np.ones(n, np.float32) for _ in range(world)]
     dsts = [np.empty(n, np.float32) for _ in range(world)]
-    barrier = threading.Barrier(world + 1)
+    start, done = threading.Barrier(world + 1), threading.Barrier(world + 1)
+    times = [0.0] * world
     stop = False
 
     def worker(i):
         while True:
-            barrier.wait()
+            start.wait()
             if stop:
                 return
+            t0 = time.perf_counter()
             np.copyto(dsts[i], srcs[i])
-            barrier.wait()
+            times[i] = time.perf_counter() - t0
+            done.wait()
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(world)]
     for t in threads:
         t.start()
     samples = []
     for i in range(warmup + repeat):
-        t0 = time.perf_counter()
-        barrier.wait()
-        barrier.wait()
+        start.wait()
+        done.wait()
         if i >= warmup:
-            samples.append(time.perf_counter() - t0)
+            samples.append(max(times))
     stop = True
-    barrier.wait()
+    start.wait()
     for t in threads:
         t.join()
     return float(np.median(samples))
