@@ -282,6 +282,7 @@ def test_real_process_death_mid_save(tmp_path, stage, step):
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(tmp_path), stage, str(step)],
         env=env,
+        cwd=tmp_path,  # not the source tree: `-c` puts the working directory on sys.path
         capture_output=True,
         timeout=60,
     )
