@@ -13,16 +13,16 @@
 #include <vector>
 
 #include "pyswitch/bf16.hpp"
-#include "pyswitch/model/switch_lm.hpp"
-#include "pyswitch/optim.hpp"
 #include "pyswitch/build_info.hpp"
 #include "pyswitch/comm/local.hpp"
 #include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/matmul.hpp"
+#include "pyswitch/model/switch_lm.hpp"
 #include "pyswitch/moe/dispatch.hpp"
 #include "pyswitch/moe/router.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
+#include "pyswitch/optim.hpp"
 #include "pyswitch/threading.hpp"
 
 namespace py = pybind11;
@@ -182,7 +182,6 @@ struct Locked {
 };
 using PySwitchFFN = Locked<moe::SwitchFFN>;
 using PyDenseFFN = Locked<moe::DenseFFN>;
-
 
 // A float32 array that an op updates in place: never a silent copy.
 py::array inplace_f32(const char* where, const char* name, const py::handle& obj) {
@@ -852,8 +851,7 @@ PYBIND11_MODULE(_core, m) {
                                if (!w.layer.has_forward()) return py::none();
                                return py::cast(w.layer.plan());  // a copy
                              })
-      .def_property_readonly("first_expert",
-                             [](PySwitchFFN& w) { return w.layer.first_expert(); })
+      .def_property_readonly("first_expert", [](PySwitchFFN& w) { return w.layer.first_expert(); })
       .def_property_readonly("local_experts",
                              [](PySwitchFFN& w) { return w.layer.local_experts(); })
       .def("stats", [](PySwitchFFN& w) {
@@ -936,33 +934,34 @@ PYBIND11_MODULE(_core, m) {
              }
              return out;
            })
-      .def("step",
-           [](PySwitchLM& w, py::handle tokens_obj, bool training, bool backward,
-              int64_t loss_tokens) {
-             py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens =
-                 as_contiguous("SwitchLM.step", "tokens", tokens_obj);
-             if (tokens.ndim() != 2 || tokens.shape(1) < 2) {
-               throw InvalidArgument(detail::concat(
-                   "SwitchLM.step: tokens must have shape (batch, seq_len + 1) with seq_len >= 1, "
-                   "got ",
-                   shape_of(tokens)));
-             }
-             const int64_t B = tokens.shape(0), S = tokens.shape(1) - 1;
-             model::LossParts loss;
-             {
-               py::gil_scoped_release release;
-               std::lock_guard<std::mutex> lock(w.mutex);
-               loss = w.layer.step(tokens.data(), B, S, training, backward, loss_tokens);
-             }
-             py::dict out;
-             out["ce"] = loss.ce;
-             out["aux"] = loss.aux;
-             out["z"] = loss.z;
-             out["total"] = loss.total;
-             out["tokens"] = loss.tokens;
-             return out;
-           },
-           py::arg("tokens"), py::arg("training"), py::arg("backward"), py::arg("loss_tokens"))
+      .def(
+          "step",
+          [](PySwitchLM& w, py::handle tokens_obj, bool training, bool backward,
+             int64_t loss_tokens) {
+            py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens =
+                as_contiguous("SwitchLM.step", "tokens", tokens_obj);
+            if (tokens.ndim() != 2 || tokens.shape(1) < 2) {
+              throw InvalidArgument(detail::concat(
+                  "SwitchLM.step: tokens must have shape (batch, seq_len + 1) with seq_len >= 1, "
+                  "got ",
+                  shape_of(tokens)));
+            }
+            const int64_t B = tokens.shape(0), S = tokens.shape(1) - 1;
+            model::LossParts loss;
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(w.mutex);
+              loss = w.layer.step(tokens.data(), B, S, training, backward, loss_tokens);
+            }
+            py::dict out;
+            out["ce"] = loss.ce;
+            out["aux"] = loss.aux;
+            out["z"] = loss.z;
+            out["total"] = loss.total;
+            out["tokens"] = loss.tokens;
+            return out;
+          },
+          py::arg("tokens"), py::arg("training"), py::arg("backward"), py::arg("loss_tokens"))
       .def("logits",
            [](PySwitchLM& w, py::handle tokens_obj) {
              py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens =
@@ -986,8 +985,7 @@ PYBIND11_MODULE(_core, m) {
            })
       .def_property_readonly("num_parameters",
                              [](PySwitchLM& w) { return w.layer.num_parameters(); })
-      .def("is_switch_layer",
-           [](PySwitchLM& w, int64_t l) { return w.layer.is_switch_layer(l); })
+      .def("is_switch_layer", [](PySwitchLM& w, int64_t l) { return w.layer.is_switch_layer(l); })
       .def_property(
           "training_steps",
           [](PySwitchLM& w) {
@@ -1021,8 +1019,8 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         optim::adamw_step(pd, gd, ad, bd, n, step, lr, o, decay);
       },
-      py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("step"),
-      py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("step"), py::arg("lr"),
+      py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
       py::arg("decay"));
   m.def(
       "adafactor_step",
@@ -1033,7 +1031,8 @@ PYBIND11_MODULE(_core, m) {
         optim::AdafactorShape shape{batches, rows, cols};
         py::array p = inplace_f32(where, "param", param);
         py::array g = float32_array(where, "grad", grad);
-        py::array r = inplace_f32(where, "row_state", row), c = inplace_f32(where, "col_state", col),
+        py::array r = inplace_f32(where, "row_state", row),
+                  c = inplace_f32(where, "col_state", col),
                   f = inplace_f32(where, "full_state", full);
         if (p.size() != batches * rows * cols || g.size() != p.size() ||
             r.size() != shape.row_state() || c.size() != shape.col_state() ||
@@ -1051,9 +1050,9 @@ PYBIND11_MODULE(_core, m) {
         optim::adafactor_step(pd, gd, rd, cd, fd, shape, step, lr, o);
       },
       py::arg("param"), py::arg("grad"), py::arg("row_state"), py::arg("col_state"),
-      py::arg("full_state"), py::arg("batches"), py::arg("rows"), py::arg("cols"),
-      py::arg("step"), py::arg("lr"), py::arg("decay_rate"), py::arg("eps"),
-      py::arg("clip_threshold"), py::arg("weight_decay"));
+      py::arg("full_state"), py::arg("batches"), py::arg("rows"), py::arg("cols"), py::arg("step"),
+      py::arg("lr"), py::arg("decay_rate"), py::arg("eps"), py::arg("clip_threshold"),
+      py::arg("weight_decay"));
   m.def("clip_by_global_norm", [](py::list arrays, double max_norm) {
     std::vector<std::pair<float*, int64_t>> tensors;
     std::vector<py::array> keep;
@@ -1181,8 +1180,8 @@ PYBIND11_MODULE(_core, m) {
             void* recv = out->mutable_data();
             try {
               py::gil_scoped_release release;
-              c.all_to_all_v(send, send_counts.data(), send_displs.data(), recv,
-                             recv_counts.data(), recv_displs.data(), dt);
+              c.all_to_all_v(send, send_counts.data(), send_displs.data(), recv, recv_counts.data(),
+                             recv_displs.data(), dt);
             } catch (const CommError&) {
               out->inc_ref();  // the output and the input stay allocated (see above)
               x.inc_ref();

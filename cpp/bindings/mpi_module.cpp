@@ -26,5 +26,6 @@ PYBIND11_MODULE(_mpi, m) {
       .def_property_readonly("poisoned", &comm::MPIComm::poisoned);
 
   m.def("library_version", &comm::mpi_library_version);
-  m.def("world_fortran_handle", []() { return static_cast<int64_t>(MPI_Comm_c2f(MPI_COMM_WORLD)); });
+  m.def("world_fortran_handle",
+        []() { return static_cast<int64_t>(MPI_Comm_c2f(MPI_COMM_WORLD)); });
 }

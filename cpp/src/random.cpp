@@ -73,7 +73,8 @@ void uniform(float* out, int64_t n, float lo, float hi, uint64_t seed, uint64_t 
   const int64_t head = std::min<int64_t>(n, (4 - first_index % 4) % 4);
   if (head > 0) {
     float quad[4];
-    kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first_index) / 4, 1, lo, width, quad);
+    kernels.philox_uniform(seed, stream, static_cast<uint64_t>(first_index) / 4, 1, lo, width,
+                           quad);
     std::copy_n(quad + first_index % 4, head, out);
   }
   out += head;

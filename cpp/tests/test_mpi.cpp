@@ -33,7 +33,8 @@ TEST(mpi_collectives_match_plain_loops) {
   }
   c.all_to_all(x.data(), out.data(), n, CommDType::float32);
   for (int q = 0; q < W; ++q) {
-    for (int64_t i = 0; i < n; ++i) CHECK_EQ(out[static_cast<size_t>(q * n + i)], value(q, r * n + i));
+    for (int64_t i = 0; i < n; ++i)
+      CHECK_EQ(out[static_cast<size_t>(q * n + i)], value(q, r * n + i));
   }
   std::vector<float> part(static_cast<size_t>(n));
   c.reduce_scatter(x.data(), part.data(), n, CommDType::float32, ReduceOp::max);
@@ -111,7 +112,8 @@ TEST(mpi_expert_parallel_equals_one_rank) {
   CHECK_EQ(ep.aux_loss(), one.aux_loss());
   CHECK_EQ(ep.z_loss(), one.z_loss());
   const int64_t per_expert = d * f;
-  CHECK(std::memcmp(ep.weights().w_in_grad(), one.weights().w_in_grad() + ep.first_expert() * per_expert,
+  CHECK(std::memcmp(ep.weights().w_in_grad(),
+                    one.weights().w_in_grad() + ep.first_expert() * per_expert,
                     static_cast<size_t>(ep.local_experts() * per_expert) * sizeof(float)) == 0);
 }
 

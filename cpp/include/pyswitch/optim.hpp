@@ -27,9 +27,9 @@ void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, 
                 double lr, const AdamWOptions& options, bool decay);
 
 struct AdafactorOptions {
-  double decay_rate = 0.8;       ///< second-moment decay 1 - step^-decay_rate (paper: 0.8)
-  double eps = 1e-30;            ///< added to grad^2
-  double clip_threshold = 1.0;   ///< update RMS clipping (paper: 1.0)
+  double decay_rate = 0.8;      ///< second-moment decay 1 - step^-decay_rate (paper: 0.8)
+  double eps = 1e-30;           ///< added to grad^2
+  double clip_threshold = 1.0;  ///< update RMS clipping (paper: 1.0)
   double weight_decay = 0.0;
 };
 

@@ -10,7 +10,6 @@
 namespace pyswitch::comm {
 namespace {
 
-
 // Reduction of element i of every rank's buffer, in rank order, accumulated in T.
 template <typename T>
 T combine(T a, T b, ReduceOp op) {
@@ -120,8 +119,8 @@ std::string call_disagreement(const std::vector<Call>& calls) {
     const Call& c = calls[static_cast<size_t>(r)];
     std::string problem;
     if (c.seq != first.seq) {
-      problem = detail::concat("rank 0 is at call ", first.seq, " but rank ", r, " is at call ",
-                               c.seq);
+      problem =
+          detail::concat("rank 0 is at call ", first.seq, " but rank ", r, " is at call ", c.seq);
     } else if (c.op != first.op) {
       problem = detail::concat("rank 0 called ", op_name(first.op), " but rank ", r, " called ",
                                op_name(c.op));
@@ -235,6 +234,5 @@ void reduce_range(const std::vector<const void*>& sources, const std::vector<voi
     }
   }
 }
-
 
 }  // namespace pyswitch::comm

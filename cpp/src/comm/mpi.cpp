@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -37,7 +37,8 @@ MPI_Datatype mpi_type(CommDType dtype) {
 std::string mpi_error_text(int code) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
-  if (MPI_Error_string(code, text, &length) != MPI_SUCCESS) return "MPI error " + std::to_string(code);
+  if (MPI_Error_string(code, text, &length) != MPI_SUCCESS)
+    return "MPI error " + std::to_string(code);
   return std::string(text, static_cast<size_t>(length));
 }
 
@@ -221,8 +222,8 @@ struct MPIComm::State {
         std::this_thread::yield();
         if (polls % 64 == 0 && std::chrono::steady_clock::now() >= deadline) {
           fail(call,
-               detail::concat("timed out after ", timeout, " s waiting for the other ranks ",
-                              stage, " (MPI does not say which rank is missing)"),
+               detail::concat("timed out after ", timeout, " s waiting for the other ranks ", stage,
+                              " (MPI does not say which rank is missing)"),
                true, true, true);
         }
       }
@@ -291,8 +292,9 @@ MPIComm::MPIComm(MPI_Comm comm, double timeout_seconds) : state_(std::make_uniqu
   PYSWITCH_CHECK_STATE(mpi_usable(),
                        "MPIComm: MPI is not initialised (or already finalised); initialise it "
                        "first (MPI_Init_thread, or import mpi4py.MPI)");
-  PYSWITCH_CHECK_ARG(comm != MPI_COMM_NULL, "MPIComm: comm must be a valid communicator, got "
-                                            "MPI_COMM_NULL");
+  PYSWITCH_CHECK_ARG(comm != MPI_COMM_NULL,
+                     "MPIComm: comm must be a valid communicator, got "
+                     "MPI_COMM_NULL");
   State& s = *state_;
   s.timeout = timeout_seconds;
   check_mpi(MPI_Comm_dup(comm, &s.data), "MPI_Comm_dup");
@@ -370,9 +372,9 @@ void MPIComm::all_to_all(const void* send, void* recv, int64_t count, CommDType 
            request, call, "MPI_Ialltoall");
 }
 
-void MPIComm::all_to_all_v(const void* send, const int64_t* send_counts,
-                           const int64_t* send_displs, void* recv, const int64_t* recv_counts,
-                           const int64_t* recv_displs, CommDType dtype) {
+void MPIComm::all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
+                           void* recv, const int64_t* recv_counts, const int64_t* recv_displs,
+                           CommDType dtype) {
   State& s = *state_;
   check_v_counts(s.size, send_counts, send_displs, recv_counts, recv_displs);
   Call call = make_call(s.seq, Op::all_to_all_v, dtype, 0, take_call_check());
@@ -428,10 +430,10 @@ void MPIComm::all_reduce(const void* send, void* recv, int64_t count, CommDType 
   for (int q = 0; q < W; ++q) sources[q] = s.scratch.data() + q * mine * es;
   char* out = static_cast<char*>(recv);
   reduce_range(sources, {out + static_cast<int64_t>(block_first[me]) * es}, 0, mine, dtype, op);
-  s.finish(PYSWITCH_MPI_C(MPI_Iallgatherv)(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, recv,
-                                           block_count.data(), block_first.data(), mpi_type(dtype),
-                                           s.data, &request),
-           request, call, "MPI_Iallgatherv");
+  s.finish(
+      PYSWITCH_MPI_C(MPI_Iallgatherv)(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, recv, block_count.data(),
+                                      block_first.data(), mpi_type(dtype), s.data, &request),
+      request, call, "MPI_Iallgatherv");
 }
 
 void MPIComm::all_gather(const void* send, void* recv, int64_t count, CommDType dtype) {

@@ -25,12 +25,11 @@ void add_into(float* out, const float* a, const float* b, int64_t n) {
 }
 
 void validate(const SwitchLMConfig& c, const comm::Communicator* comm) {
-  PYSWITCH_CHECK_ARG(c.vocab_size >= 2 && c.d_model >= 2 && c.num_layers >= 1 &&
-                         c.num_heads >= 1 && c.d_ff >= 1,
-                     "SwitchLM: vocab_size, d_model, num_layers, num_heads and d_ff must be "
-                     "positive, got ",
-                     c.vocab_size, ", ", c.d_model, ", ", c.num_layers, ", ", c.num_heads, ", ",
-                     c.d_ff);
+  PYSWITCH_CHECK_ARG(
+      c.vocab_size >= 2 && c.d_model >= 2 && c.num_layers >= 1 && c.num_heads >= 1 && c.d_ff >= 1,
+      "SwitchLM: vocab_size, d_model, num_layers, num_heads and d_ff must be "
+      "positive, got ",
+      c.vocab_size, ", ", c.d_model, ", ", c.num_layers, ", ", c.num_heads, ", ", c.d_ff);
   PYSWITCH_CHECK_ARG(c.d_model % c.num_heads == 0 && (c.d_model / c.num_heads) % 2 == 0,
                      "SwitchLM: d_model must split into num_heads heads of even size (rotary "
                      "positions rotate pairs), got d_model=",
@@ -48,12 +47,11 @@ void validate(const SwitchLMConfig& c, const comm::Communicator* comm) {
                      "SwitchLM: aux_loss_coef and z_loss_coef must be finite and >= 0, got ",
                      c.aux_loss_coef, " and ", c.z_loss_coef);
   PYSWITCH_CHECK_ARG(c.num_experts == 0 || c.num_layers >= c.expert_every,
-                     "SwitchLM: with expert_every=", c.expert_every, " and num_layers=",
-                     c.num_layers, " no layer would be a Switch layer");
+                     "SwitchLM: with expert_every=", c.expert_every,
+                     " and num_layers=", c.num_layers, " no layer would be a Switch layer");
   if (comm && c.num_experts > 0) {
-    PYSWITCH_CHECK_ARG(c.num_experts % comm->size() == 0, "SwitchLM: num_experts=",
-                       c.num_experts, " must be divisible by the number of ranks ",
-                       comm->size());
+    PYSWITCH_CHECK_ARG(c.num_experts % comm->size() == 0, "SwitchLM: num_experts=", c.num_experts,
+                       " must be divisible by the number of ranks ", comm->size());
   }
 }
 
@@ -131,25 +129,30 @@ std::vector<ParamRef> SwitchLM::parameters() {
   for (size_t l = 0; l < blocks_.size(); ++l) {
     Block& b = *blocks_[l];
     const std::string p = "layers." + std::to_string(l) + ".";
-    out.push_back({p + "attn_norm", b.attn_norm.data(), b.attn_norm_grad.data(), {d}, false, false});
+    out.push_back(
+        {p + "attn_norm", b.attn_norm.data(), b.attn_norm_grad.data(), {d}, false, false});
     out.push_back({p + "w_qkv", b.w_qkv.data(), b.w_qkv_grad.data(), {d, 3 * d}, false, true});
     out.push_back({p + "w_o", b.w_o.data(), b.w_o_grad.data(), {d, d}, false, true});
     out.push_back({p + "ffn_norm", b.ffn_norm.data(), b.ffn_norm_grad.data(), {d}, false, false});
     if (b.switch_ffn) {
       moe::SwitchFFN& s = *b.switch_ffn;
       const int64_t E = s.local_experts();
-      out.push_back({p + "ffn.router", s.router_weight(), s.router_weight_grad(),
-                     {d, config_.num_experts}, false, true});
-      out.push_back({p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {E, d, f}, true,
+      out.push_back({p + "ffn.router",
+                     s.router_weight(),
+                     s.router_weight_grad(),
+                     {d, config_.num_experts},
+                     false,
                      true});
-      out.push_back({p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {E, f, d},
-                     true, true});
+      out.push_back(
+          {p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {E, d, f}, true, true});
+      out.push_back(
+          {p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {E, f, d}, true, true});
     } else {
       moe::DenseFFN& s = *b.dense_ffn;
-      out.push_back({p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {d, f}, false,
-                     true});
-      out.push_back({p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {f, d}, false,
-                     true});
+      out.push_back(
+          {p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {d, f}, false, true});
+      out.push_back(
+          {p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {f, d}, false, true});
     }
   }
   out.push_back({"final_norm", final_norm_.data(), final_norm_grad_.data(), {d}, false, false});
@@ -230,8 +233,8 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
                logits_.data(), V);
 }
 
-LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool training,
-                         bool backward, int64_t loss_tokens) {
+LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool training, bool backward,
+                         int64_t loss_tokens) {
   const SwitchLMConfig& c = config_;
   PYSWITCH_CHECK_ARG(B >= 1 && S >= 1, "SwitchLM.step: tokens must have shape (B, S + 1) with ",
                      "B, S >= 1, got B=", B, " S=", S);

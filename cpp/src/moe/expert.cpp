@@ -94,8 +94,8 @@ void round_weights(const float* src, int64_t n, std::vector<bf16>& out) {
 
 }  // namespace
 
-ExpertWeights::ExpertWeights(const ExpertShape& s, bool use_bias, double init_scale,
-                             uint64_t seed, int64_t first_expert) {
+ExpertWeights::ExpertWeights(const ExpertShape& s, bool use_bias, double init_scale, uint64_t seed,
+                             int64_t first_expert) {
   PYSWITCH_CHECK_ARG(std::isfinite(init_scale) && init_scale > 0,
                      "init_scale must be finite and > 0, got ", init_scale);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
@@ -165,56 +165,54 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
   }
   const bool drop = c.dropout.rate > 0.0;
   const std::vector<Unit> units = row_units(offsets, E, kRowBlock);
-  detail::parallel_for(
-      static_cast<int64_t>(units.size()),
-      [&](int64_t u) {
-        const Unit& w = units[static_cast<size_t>(u)];
-        const void* xb = at(x, dtype, w.first * d);
-        float* pre = c.pre.data() + w.first * f;
-        float* hidden = c.hidden.data() + w.first * f;
-        detail::gemm_serial(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
-                            at(w_in, dtype, w.expert * d * f), f, 0.0f, pre, f);
-        if (p.b_in) {
-          for (int64_t r = 0; r < w.rows; ++r) {
-            for (int64_t j = 0; j < f; ++j) pre[r * f + j] += p.b_in[w.expert * f + j];
-          }
-        }
-        if (geglu) {
-          float* linear = c.linear.data() + w.first * f;
-          detail::gemm_serial(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
-                              at(w_gate, dtype, w.expert * d * f), f, 0.0f, linear, f);
-          for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]) * linear[i];
-        } else if (s.activation == Activation::gelu) {
-          for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]);
-        } else {
-          for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
-        }
-        if (drop) {
-          for (int64_t i = 0; i < w.rows * f; ++i) {
-            hidden[i] *= dropout_scale(c.dropout, (c.dropout.first_row + w.first) * f + i);
-          }
-        }
-        const void* hidden_operand = hidden;
-        if (bf16_compute) {
-          bf16* rounded = c.hidden_bf16.data() + w.first * f;
-          convert_f32_to_bf16(hidden, rounded, w.rows * f);
-          hidden_operand = rounded;
-        }
-        std::vector<float> out_block;
-        float* yb = static_cast<float*>(at(y, dtype, w.first * d));
-        if (bf16_compute) {
-          out_block.resize(static_cast<size_t>(w.rows * d));
-          yb = out_block.data();
-        }
-        detail::gemm_serial(dtype, false, false, w.rows, d, f, 1.0f, hidden_operand, f,
-                            at(w_out, dtype, w.expert * f * d), d, 0.0f, yb, d);
-        if (p.b_out) {
-          for (int64_t r = 0; r < w.rows; ++r) {
-            for (int64_t j = 0; j < d; ++j) yb[r * d + j] += p.b_out[w.expert * d + j];
-          }
-        }
-        store_block(yb, dtype, at(y, dtype, w.first * d), w.rows * d);
-      });
+  detail::parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u) {
+    const Unit& w = units[static_cast<size_t>(u)];
+    const void* xb = at(x, dtype, w.first * d);
+    float* pre = c.pre.data() + w.first * f;
+    float* hidden = c.hidden.data() + w.first * f;
+    detail::gemm_serial(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
+                        at(w_in, dtype, w.expert * d * f), f, 0.0f, pre, f);
+    if (p.b_in) {
+      for (int64_t r = 0; r < w.rows; ++r) {
+        for (int64_t j = 0; j < f; ++j) pre[r * f + j] += p.b_in[w.expert * f + j];
+      }
+    }
+    if (geglu) {
+      float* linear = c.linear.data() + w.first * f;
+      detail::gemm_serial(dtype, false, false, w.rows, f, d, 1.0f, xb, d,
+                          at(w_gate, dtype, w.expert * d * f), f, 0.0f, linear, f);
+      for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]) * linear[i];
+    } else if (s.activation == Activation::gelu) {
+      for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = gelu(pre[i]);
+    } else {
+      for (int64_t i = 0; i < w.rows * f; ++i) hidden[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
+    }
+    if (drop) {
+      for (int64_t i = 0; i < w.rows * f; ++i) {
+        hidden[i] *= dropout_scale(c.dropout, (c.dropout.first_row + w.first) * f + i);
+      }
+    }
+    const void* hidden_operand = hidden;
+    if (bf16_compute) {
+      bf16* rounded = c.hidden_bf16.data() + w.first * f;
+      convert_f32_to_bf16(hidden, rounded, w.rows * f);
+      hidden_operand = rounded;
+    }
+    std::vector<float> out_block;
+    float* yb = static_cast<float*>(at(y, dtype, w.first * d));
+    if (bf16_compute) {
+      out_block.resize(static_cast<size_t>(w.rows * d));
+      yb = out_block.data();
+    }
+    detail::gemm_serial(dtype, false, false, w.rows, d, f, 1.0f, hidden_operand, f,
+                        at(w_out, dtype, w.expert * f * d), d, 0.0f, yb, d);
+    if (p.b_out) {
+      for (int64_t r = 0; r < w.rows; ++r) {
+        for (int64_t j = 0; j < d; ++j) yb[r * d + j] += p.b_out[w.expert * d + j];
+      }
+    }
+    store_block(yb, dtype, at(y, dtype, w.first * d), w.rows * d);
+  });
 }
 
 void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
@@ -252,77 +250,73 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
   // Row-parallel part: d_hidden = dy W_out^T, through dropout and the activation, then
   // dx = d_pre W_in^T (+ d_linear W_gate^T).
   const std::vector<Unit> units = row_units(offsets, E, kRowBlock);
-  detail::parallel_for(
-      static_cast<int64_t>(units.size()),
-      [&](int64_t u) {
-        const Unit& w = units[static_cast<size_t>(u)];
-        const int64_t n = w.rows * f;
-        float* dp = d_pre.data() + w.first * f;
-        detail::gemm_serial(dtype, false, true, w.rows, f, d, 1.0f, at(dy, dtype, w.first * d), d,
-                            at(w_out, dtype, w.expert * f * d), d, 0.0f, dp,
-                            f);  // d_hidden, in place
-        if (drop) {
-          for (int64_t i = 0; i < n; ++i) dp[i] *= dropout_scale(c.dropout, (c.dropout.first_row + w.first) * f + i);
-        }
-        const float* pre = c.pre.data() + w.first * f;
-        if (geglu) {
-          const float* linear = c.linear.data() + w.first * f;
-          float* dl = d_linear.data() + w.first * f;
-          for (int64_t i = 0; i < n; ++i) {
-            dl[i] = dp[i] * gelu(pre[i]);
-            dp[i] = dp[i] * linear[i] * gelu_grad(pre[i]);
-          }
-        } else if (s.activation == Activation::gelu) {
-          for (int64_t i = 0; i < n; ++i) dp[i] *= gelu_grad(pre[i]);
-        } else {
-          for (int64_t i = 0; i < n; ++i) dp[i] = pre[i] > 0.0f ? dp[i] : 0.0f;
-        }
-        if (bf16_compute) {
-          bf16* rounded = d_pre_bf16.data() + w.first * f;
-          convert_f32_to_bf16(dp, rounded, n);
-          if (geglu) {
-            bf16* rounded_linear = d_linear_bf16.data() + w.first * f;
-            const float* dl = d_linear.data() + w.first * f;
-            convert_f32_to_bf16(dl, rounded_linear, n);
-          }
-        }
-        std::vector<float> dx_block(static_cast<size_t>(w.rows * d));
-        detail::gemm_serial(dtype, false, true, w.rows, d, f, 1.0f,
-                            at(d_pre_operand, dtype, w.first * f), f,
-                            at(w_in, dtype, w.expert * d * f), f, 0.0f, dx_block.data(), d);
-        if (geglu) {
-          detail::gemm_serial(dtype, false, true, w.rows, d, f, 1.0f,
-                              at(d_linear_operand, dtype, w.first * f), f,
-                              at(w_gate, dtype, w.expert * d * f), f, 1.0f, dx_block.data(), d);
-        }
-        store_block(dx_block.data(), dtype, at(dx, dtype, w.first * d), w.rows * d);
-      });
+  detail::parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u) {
+    const Unit& w = units[static_cast<size_t>(u)];
+    const int64_t n = w.rows * f;
+    float* dp = d_pre.data() + w.first * f;
+    detail::gemm_serial(dtype, false, true, w.rows, f, d, 1.0f, at(dy, dtype, w.first * d), d,
+                        at(w_out, dtype, w.expert * f * d), d, 0.0f, dp,
+                        f);  // d_hidden, in place
+    if (drop) {
+      for (int64_t i = 0; i < n; ++i)
+        dp[i] *= dropout_scale(c.dropout, (c.dropout.first_row + w.first) * f + i);
+    }
+    const float* pre = c.pre.data() + w.first * f;
+    if (geglu) {
+      const float* linear = c.linear.data() + w.first * f;
+      float* dl = d_linear.data() + w.first * f;
+      for (int64_t i = 0; i < n; ++i) {
+        dl[i] = dp[i] * gelu(pre[i]);
+        dp[i] = dp[i] * linear[i] * gelu_grad(pre[i]);
+      }
+    } else if (s.activation == Activation::gelu) {
+      for (int64_t i = 0; i < n; ++i) dp[i] *= gelu_grad(pre[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dp[i] = pre[i] > 0.0f ? dp[i] : 0.0f;
+    }
+    if (bf16_compute) {
+      bf16* rounded = d_pre_bf16.data() + w.first * f;
+      convert_f32_to_bf16(dp, rounded, n);
+      if (geglu) {
+        bf16* rounded_linear = d_linear_bf16.data() + w.first * f;
+        const float* dl = d_linear.data() + w.first * f;
+        convert_f32_to_bf16(dl, rounded_linear, n);
+      }
+    }
+    std::vector<float> dx_block(static_cast<size_t>(w.rows * d));
+    detail::gemm_serial(dtype, false, true, w.rows, d, f, 1.0f,
+                        at(d_pre_operand, dtype, w.first * f), f, at(w_in, dtype, w.expert * d * f),
+                        f, 0.0f, dx_block.data(), d);
+    if (geglu) {
+      detail::gemm_serial(dtype, false, true, w.rows, d, f, 1.0f,
+                          at(d_linear_operand, dtype, w.first * f), f,
+                          at(w_gate, dtype, w.expert * d * f), f, 1.0f, dx_block.data(), d);
+    }
+    store_block(dx_block.data(), dtype, at(dx, dtype, w.first * d), w.rows * d);
+  });
 
   // Weight gradients: per expert, reductions over its rows (K = rows), split over output rows.
   const int64_t d_blocks = detail::ceil_div(d, kRowBlock);
   const int64_t f_blocks = detail::ceil_div(f, kRowBlock);
-  detail::parallel_for(
-      E * (d_blocks + f_blocks),
-      [&](int64_t u) {
-        const int64_t e = u / (d_blocks + f_blocks), part = u % (d_blocks + f_blocks);
-        const int64_t first = offsets[e], n = offsets[e + 1] - offsets[e];
-        if (part < d_blocks) {  // dW_in[e] rows [m0, m0 + mb) = x_e^T d_pre_e (and W_gate's)
-          const int64_t m0 = part * kRowBlock, mb = std::min(kRowBlock, d - m0);
-          detail::gemm_serial(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
-                              at(d_pre_operand, dtype, first * f), f, 0.0f,
-                              g.w_in + e * d * f + m0 * f, f);
-          if (geglu) {
-            detail::gemm_serial(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
-                                at(d_linear_operand, dtype, first * f), f, 0.0f,
-                                g.w_gate + e * d * f + m0 * f, f);
-          }
-        } else {  // dW_out[e] rows [m0, m0 + mb) = hidden_e^T dy_e
-          const int64_t m0 = (part - d_blocks) * kRowBlock, mb = std::min(kRowBlock, f - m0);
-          detail::gemm_serial(dtype, true, false, mb, d, n, 1.0f, at(hidden, dtype, first * f + m0),
-                              f, at(dy, dtype, first * d), d, 0.0f, g.w_out + e * f * d + m0 * d,
-                              d);
-        }
-      });
+  detail::parallel_for(E * (d_blocks + f_blocks), [&](int64_t u) {
+    const int64_t e = u / (d_blocks + f_blocks), part = u % (d_blocks + f_blocks);
+    const int64_t first = offsets[e], n = offsets[e + 1] - offsets[e];
+    if (part < d_blocks) {  // dW_in[e] rows [m0, m0 + mb) = x_e^T d_pre_e (and W_gate's)
+      const int64_t m0 = part * kRowBlock, mb = std::min(kRowBlock, d - m0);
+      detail::gemm_serial(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
+                          at(d_pre_operand, dtype, first * f), f, 0.0f, g.w_in + e * d * f + m0 * f,
+                          f);
+      if (geglu) {
+        detail::gemm_serial(dtype, true, false, mb, f, n, 1.0f, at(x, dtype, first * d + m0), d,
+                            at(d_linear_operand, dtype, first * f), f, 0.0f,
+                            g.w_gate + e * d * f + m0 * f, f);
+      }
+    } else {  // dW_out[e] rows [m0, m0 + mb) = hidden_e^T dy_e
+      const int64_t m0 = (part - d_blocks) * kRowBlock, mb = std::min(kRowBlock, f - m0);
+      detail::gemm_serial(dtype, true, false, mb, d, n, 1.0f, at(hidden, dtype, first * f + m0), f,
+                          at(dy, dtype, first * d), d, 0.0f, g.w_out + e * f * d + m0 * d, d);
+    }
+  });
 
   // Bias gradients: column sums in row order.
   std::vector<float> dy_row(static_cast<size_t>(d));

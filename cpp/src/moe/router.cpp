@@ -457,7 +457,8 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
   // about as much as the logits GEMM.
   std::vector<float> weight_t(static_cast<size_t>(E * d));
   for (int64_t j = 0; j < d; ++j) {
-    for (int64_t e = 0; e < E; ++e) weight_t[static_cast<size_t>(e * d + j)] = weight_[static_cast<size_t>(j * E + e)];
+    for (int64_t e = 0; e < E; ++e)
+      weight_t[static_cast<size_t>(e * d + j)] = weight_[static_cast<size_t>(j * E + e)];
   }
   constexpr int64_t kRows = 32;
   detail::parallel_for(detail::ceil_div(T, kRows), [&](int64_t b) {

@@ -202,8 +202,8 @@ void SwitchFFN::exchange_counts() {
   const int64_t width = E + 4;
   std::vector<int64_t> mine(static_cast<size_t>(width));
   for (int64_t e = 0; e < E; ++e) {
-    mine[static_cast<size_t>(e)] =
-        layout_.expert_offset[static_cast<size_t>(e + 1)] - layout_.expert_offset[static_cast<size_t>(e)];
+    mine[static_cast<size_t>(e)] = layout_.expert_offset[static_cast<size_t>(e + 1)] -
+                                   layout_.expert_offset[static_cast<size_t>(e)];
   }
   mine[static_cast<size_t>(E)] = plan.num_tokens;
   mine[static_cast<size_t>(E + 1)] = plan.num_groups;
@@ -232,7 +232,8 @@ void SwitchFFN::exchange_counts() {
   x.local_offsets.assign(static_cast<size_t>(E_local + 1), 0);
   for (int w = 0; w < W; ++w) {
     for (int64_t e = 0; e < E_local; ++e) {
-      x.send_rows[static_cast<size_t>(w)] += x.counts[static_cast<size_t>(me * E + w * E_local + e)];
+      x.send_rows[static_cast<size_t>(w)] +=
+          x.counts[static_cast<size_t>(me * E + w * E_local + e)];
       const int64_t rows = x.counts[static_cast<size_t>(w * E + first_expert_ + e)];
       x.recv_rows[static_cast<size_t>(w)] += rows;
       x.local_offsets[static_cast<size_t>(e + 1)] += rows;
@@ -243,7 +244,8 @@ void SwitchFFN::exchange_counts() {
   }
   x.first_row = 0;
   for (int w = 0; w < W; ++w) {
-    for (int64_t e = 0; e < first_expert_; ++e) x.first_row += x.counts[static_cast<size_t>(w * E + e)];
+    for (int64_t e = 0; e < first_expert_; ++e)
+      x.first_row += x.counts[static_cast<size_t>(w * E + e)];
   }
 }
 
@@ -276,7 +278,8 @@ void SwitchFFN::permute_rows(const void* from, void* to, bool to_expert_major) c
     int64_t wire_row, expert_row, rows;
   };
   std::vector<Block> blocks;
-  std::vector<int64_t> expert_at(exchange_.local_offsets.begin(), exchange_.local_offsets.end() - 1);
+  std::vector<int64_t> expert_at(exchange_.local_offsets.begin(),
+                                 exchange_.local_offsets.end() - 1);
   int64_t wire_row = 0;
   for (int w = 0; w < W; ++w) {
     for (int64_t e = 0; e < E_local; ++e) {

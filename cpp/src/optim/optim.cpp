@@ -82,8 +82,8 @@ void adafactor_step(float* param, const float* grad, float* row_state, float* co
         row_mean_total += R[i];
       }
       for (int64_t j = 0; j < s.cols; ++j) {
-        C[j] = static_cast<float>(rho * C[j] +
-                                  (1 - rho) * col_sum[static_cast<size_t>(j)] / static_cast<double>(s.rows));
+        C[j] = static_cast<float>(rho * C[j] + (1 - rho) * col_sum[static_cast<size_t>(j)] /
+                                                   static_cast<double>(s.rows));
       }
       const double row_mean = row_mean_total / static_cast<double>(s.rows);
       float* u = update.data() + b * per;
@@ -100,14 +100,19 @@ void adafactor_step(float* param, const float* grad, float* row_state, float* co
       for (int64_t i = b * kBlock; i < end; ++i) {
         const double g2 = static_cast<double>(grad[i]) * grad[i] + o.eps;
         full_state[i] = static_cast<float>(rho * full_state[i] + (1 - rho) * g2);
-        update[static_cast<size_t>(i)] = static_cast<float>(grad[i] / std::sqrt(static_cast<double>(full_state[i])));
+        update[static_cast<size_t>(i)] =
+            static_cast<float>(grad[i] / std::sqrt(static_cast<double>(full_state[i])));
       }
     });
   }
   // Update clipping: divide by max(1, RMS(update) / threshold), over the whole tensor.
-  const double rms = std::sqrt(
-      blocked_sum(n, [&](int64_t i) { return static_cast<double>(update[static_cast<size_t>(i)]) * update[static_cast<size_t>(i)]; }) /
-      static_cast<double>(std::max<int64_t>(n, 1)));
+  const double rms =
+      std::sqrt(blocked_sum(n,
+                            [&](int64_t i) {
+                              return static_cast<double>(update[static_cast<size_t>(i)]) *
+                                     update[static_cast<size_t>(i)];
+                            }) /
+                static_cast<double>(std::max<int64_t>(n, 1)));
   const float scale = static_cast<float>(lr / std::max(1.0, rms / o.clip_threshold));
   const float shrink = static_cast<float>(1.0 - lr * o.weight_decay);
   detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
@@ -121,7 +126,8 @@ void adafactor_step(float* param, const float* grad, float* row_state, float* co
 double global_norm(const std::vector<std::pair<const float*, int64_t>>& tensors) {
   double total = 0;
   for (const auto& [data, n] : tensors) {
-    total += blocked_sum(n, [data = data](int64_t i) { return static_cast<double>(data[i]) * data[i]; });
+    total +=
+        blocked_sum(n, [data = data](int64_t i) { return static_cast<double>(data[i]) * data[i]; });
   }
   return std::sqrt(total);
 }
@@ -147,8 +153,8 @@ double clip_by_global_norm(const std::vector<std::pair<float*, int64_t>>& tensor
 double learning_rate(int64_t step, double peak, int64_t warmup, int64_t total,
                      const std::string& decay, double final_fraction) {
   PYSWITCH_CHECK_ARG(step >= 0 && warmup >= 0 && total >= 1,
-                     "learning_rate: step and warmup must be >= 0 and total >= 1, got ", step,
-                     ", ", warmup, ", ", total);
+                     "learning_rate: step and warmup must be >= 0 and total >= 1, got ", step, ", ",
+                     warmup, ", ", total);
   if (warmup > 0 && step < warmup) return peak * static_cast<double>(step + 1) / warmup;
   if (decay == "constant") return peak;
   if (decay == "rsqrt") {
@@ -162,8 +168,10 @@ double learning_rate(int64_t step, double peak, int64_t warmup, int64_t total,
   if (decay == "cosine") {
     return floor + (peak - floor) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * progress));
   }
-  throw InvalidArgument("learning_rate: decay must be 'cosine', 'linear', 'rsqrt' or 'constant', "
-                        "got '" + decay + "'");
+  throw InvalidArgument(
+      "learning_rate: decay must be 'cosine', 'linear', 'rsqrt' or 'constant', "
+      "got '" +
+      decay + "'");
 }
 
 }  // namespace pyswitch::optim

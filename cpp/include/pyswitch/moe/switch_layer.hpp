@@ -66,7 +66,7 @@ class SwitchFFN {
 
   int64_t d_model() const { return shape_.d_model; }
   int64_t d_ff() const { return shape_.d_ff; }
-  int64_t num_experts() const { return num_experts_; }      ///< E, all ranks together
+  int64_t num_experts() const { return num_experts_; }          ///< E, all ranks together
   int64_t local_experts() const { return shape_.num_experts; }  ///< E / world size
   int64_t first_expert() const { return first_expert_; }
   const SwitchFFNOptions& options() const { return options_; }
@@ -131,8 +131,8 @@ class SwitchFFN {
   DispatchLayout layout_;
   std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype, this rank's
   std::vector<char> expert_in_, expert_result_;  // expert parallelism: the local experts' rows
-  std::vector<char> wire_;         // expert parallelism: rows in rank order
-  std::vector<char> d_expert_in_;  // expert parallelism: backward of expert_in_
+  std::vector<char> wire_;                       // expert parallelism: rows in rank order
+  std::vector<char> d_expert_in_;                // expert parallelism: backward of expert_in_
   ExpertCache cache_;
   // Backward workspaces, kept between steps (their pages are touched once).
   std::vector<char> d_expert_out_, d_buffer_, dx_experts_, dx_router_;

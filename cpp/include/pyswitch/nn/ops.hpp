@@ -27,8 +27,7 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
 /// to the q and k parts of a fused qkv buffer: qkv is (B * S, 3 * H * Dh), rows ordered batch
 /// then position; for head h, q = columns [h*Dh, (h+1)*Dh), k = the same plus H*Dh. Position of
 /// row r is r % S. Dh must be even. inverse=true applies the inverse rotation (the backward).
-void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double base,
-                bool inverse);
+void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double base, bool inverse);
 
 /// Causal self-attention over a fused qkv buffer (B * S, 3 * H * Dh): out (B * S, H * Dh) =
 /// concat over heads of softmax(q k^T / sqrt(Dh) + causal mask) v. probs (B, H, S, S) is written
