@@ -270,17 +270,48 @@ def _load_or_write_config(run_dir: Path, config: SwitchLMConfig, options: TrainO
     return record
 
 
+# Set by the usual MPI launchers (MPICH/Hydra, Open MPI, MVAPICH, Slurm's PMI) in each process.
+_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def mpi_launch_size() -> int:
+    """The number of processes an MPI launcher started this one with (1 when not launched)."""
+    for name in _MPI_SIZE_VARIABLES:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
 def train(config: SwitchLMConfig, options: TrainOptions, *, log=print) -> dict:
-    """Train a model and return a summary dict (also written to ``summary.json``)."""
+    """Train a model and return a summary dict (also written to ``summary.json``).
+
+    Under ``mpiexec -n N`` (and ``ranks=1``) the N processes train together over the MPI
+    backend, exactly as N thread ranks would; rank 0 writes the run directory.
+    """
+    comm = None
+    if options.ranks == 1 and mpi_launch_size() > 1:
+        from .comm import MPIComm
+
+        comm = MPIComm(timeout=600.0)
+        options = dataclasses.replace(options, ranks=comm.size)
+        if comm.rank != 0:
+            log = _silent  # noqa: F811 - only rank 0 reports
     _check_options(options, config)
     run_dir = Path(options.out) if options.out else default_run_dir(config)
+    if comm is not None:  # every rank must use rank 0's directory name
+        name = np.frombuffer(str(run_dir).encode().ljust(4096, b"\0")[:4096], np.uint8).copy()
+        run_dir = Path(bytes(comm.broadcast(name.view(np.int32))).rstrip(b"\0").decode())
     if not options.resume and (run_dir / METRICS_FILE).exists():
         raise ValueError(
             f"train: {str(run_dir)!r} already holds a run; pass --resume to continue it or "
             "choose another --out"
         )
     corpus = ByteCorpus(options.data, seq_len=options.seq_len)
-    _load_or_write_config(run_dir, config, options)
+    if comm is None or comm.rank == 0:
+        _load_or_write_config(run_dir, config, options)
+    if comm is not None:
+        comm.barrier()
     start_step, start_state, start_elapsed = 0, None, 0.0
     if options.resume:
         latest = ckpt.latest_checkpoint(run_dir)
@@ -290,27 +321,34 @@ def train(config: SwitchLMConfig, options: TrainOptions, *, log=print) -> dict:
             start_elapsed = float(state.get("elapsed_s", 0.0))
             start_state = (tensors, state)
             log(f"resuming {run_dir} from step {start_step} ({latest.name})")
+    backend = "MPI" if comm is not None else "thread"
     log(
         f"pyswitch train: {'dense' if config.dense else f'Switch E={config.num_experts}'} model, "
         f"d_model={config.d_model}, layers={config.num_layers}, {config.dtype}, "
-        f"{options.ranks} rank(s); corpus: {corpus.description}; run dir: {run_dir}"
+        f"{options.ranks} {backend} rank(s); corpus: {corpus.description}; run dir: {run_dir}"
     )
-    if options.ranks == 1:
-        result = _train_rank(
-            None, config, options, corpus, run_dir, start_step, start_state, start_elapsed, log
+
+    def rank_body(c):
+        return _train_rank(
+            c, config, options, corpus, run_dir, start_step, start_state, start_elapsed, log
         )
+
+    if comm is not None:
+        result = comm.run(rank_body)
+        if comm.rank != 0:
+            return result
+    elif options.ranks == 1:
+        result = rank_body(None)
     else:
         from .comm import LocalGroup
 
-        group = LocalGroup(options.ranks, timeout=600.0)
-        results = group.run(
-            lambda comm: _train_rank(
-                comm, config, options, corpus, run_dir, start_step, start_state, start_elapsed, log
-            )
-        )
-        result = results[0]
+        result = LocalGroup(options.ranks, timeout=600.0).run(rank_body)[0]
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _train_rank(

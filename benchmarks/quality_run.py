@@ -1,0 +1,64 @@
+"""The quality run: the Switch Transformer paper's central claim in miniature.
+
+Trains the dense baseline and Switch models with 8 and 16 experts (top-1, every other FFN; the
+same d_ff, so the same FLOPs per token) for the same number of steps on the default corpus,
+with the same seed and batches, and reports each Switch model's step speed-up to reach the
+dense model's final validation loss (`pyswitch compare`). The paper reports 7x at 64 experts on
+TPUs; the goal here (issue 5) is >= 2x for E = 16.
+
+    python benchmarks/quality_run.py [--steps 600] [--out benchmarks/results/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--experts", type=int, nargs="+", default=[0, 8, 16])
+    parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import pyswitch
+    from pyswitch.models import SwitchLMConfig
+    from pyswitch.plots import compare_runs
+    from pyswitch.train import TrainOptions, train
+
+    pyswitch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for experts in args.experts:
+        run_dir = out / ("dense" if experts == 0 else f"switch-e{experts}")
+        if (run_dir / "summary.json").exists():
+            print(f"{run_dir}: done already, kept")
+        else:
+            t0 = time.monotonic()
+            train(
+                SwitchLMConfig(num_experts=experts),
+                TrainOptions(
+                    steps=args.steps,
+                    minutes=None,
+                    out=str(run_dir),
+                    eval_every=args.eval_every,
+                    ckpt_every=args.steps,
+                    progress=False,
+                ),
+            )
+            print(f"{run_dir}: {time.monotonic() - t0:.0f} s")
+        runs.append(str(run_dir))
+    result = compare_runs(runs, out / "compare.png")
+    print(result["table"])
+    (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
