@@ -218,10 +218,18 @@ class SwitchLM:
         where = "SwitchLM.generate"
         if not isinstance(prompt, (bytes, bytearray)):
             raise TypeError(f"{where}: prompt must be bytes, got {type(prompt).__name__}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise ValueError(f"{where}: temperature must be >= 0, got {temperature!r}")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        if isinstance(temperature, bool) or not (
+            isinstance(temperature, (int, float)) and temperature >= 0
+        ):
+            raise ValueError(f"{where}: temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not (isinstance(top_k, int) and top_k >= 1)
+        ):
             raise ValueError(f"{where}: top_k must be None or an int >= 1, got {top_k!r}")
+        if _as_int(where, "max_new_tokens", max_new_tokens) < 0:
+            raise ValueError(f"{where}: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if _as_int(where, "context", context) < 1:
+            raise ValueError(f"{where}: context must be >= 1, got {context}")
         rng = np.random.default_rng(seed)
         out = bytearray(prompt or b"\n")
         for _ in range(_as_int(where, "max_new_tokens", max_new_tokens)):

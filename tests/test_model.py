@@ -738,3 +738,21 @@ def test_generate_bad_arguments(small_model, kwargs, exc):
     kwargs = {"prompt": b"ab", "max_new_tokens": 2, **kwargs}
     with pytest.raises(exc):
         small_model.generate(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"context": 0}, "context"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ],
+)
+def test_generate_bad_arguments(small_model, kwargs, match):
+    args = {"max_new_tokens": 3, **kwargs}
+    max_new = args.pop("max_new_tokens")
+    with pytest.raises(ValueError, match=match):
+        small_model.generate(b"ab", max_new, **args)
