@@ -196,6 +196,13 @@ class _Run:
         if math.isfinite(norm):
             self.opt.step(grads, lr)
         stats = self.model.stats()
+        if self.comm is not None and stats:
+            # The logged load and drops are the global batch's, not rank 0's share.
+            counts = np.stack([np.asarray(s["tokens_per_expert"], np.int64) for s in stats])
+            counts = self.comm.all_reduce(counts)
+            drops = _sum_over_ranks(self.comm, [float(s["drop_fraction"]) for s in stats])
+            for s, c, d in zip(stats, counts, drops):
+                s["tokens_per_expert"], s["drop_fraction"] = c, d / self.world
         return {
             "ce": ce,
             "aux": loss["aux"],
