@@ -22,7 +22,7 @@
 #include "pyswitch/moe/dispatch.hpp"
 #include "pyswitch/moe/router.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
-#include "pyswitch/optim.hpp"
+#include "pyswitch/optim/optim.hpp"
 #include "pyswitch/threading.hpp"
 
 namespace py = pybind11;

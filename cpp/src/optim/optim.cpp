@@ -1,5 +1,5 @@
 // AdamW, Adafactor, global-norm clipping and the learning-rate schedule.
-#include "pyswitch/optim.hpp"
+#include "pyswitch/optim/optim.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-/// @file optim.hpp
+/// @file optim/optim.hpp
 /// Optimizers on float32 master parameters: AdamW (Loshchilov & Hutter 2019) and Adafactor
 /// (Shazeer & Stern 2018, the Switch Transformer paper's optimizer), global-norm gradient
 /// clipping and the warmup + decay learning-rate schedule. Buffers are flat, row-major, owned
