@@ -208,7 +208,7 @@ def test_eval_and_generate_errors_exit_2(tmp_path, capsys):
 
 def test_generate_bad_temperature_exit_2(runs, capsys):
     assert main(["generate", "--run", str(runs["dense"]), "--temperature", "-1"]) == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    assert "temperature must be a number >= 0" in capsys.readouterr().err
 
 
 def test_compare_missing_run_exit_2(runs, tmp_path, capsys):
