@@ -751,7 +751,7 @@ def test_generate_bad_arguments(small_model, kwargs, exc):
         ({"max_new_tokens": -1}, "max_new_tokens"),
     ],
 )
-def test_generate_bad_arguments(small_model, kwargs, match):
+def test_generate_rejects_bad_sampling_options(small_model, kwargs, match):
     args = {"max_new_tokens": 3, **kwargs}
     max_new = args.pop("max_new_tokens")
     with pytest.raises(ValueError, match=match):
