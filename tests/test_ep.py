@@ -126,20 +126,54 @@ def run_one_rank(cfg, params, xs, dys, training, group_size, steps=1, lr=None):
     for step in range(steps):
         y = layer.forward(concat(xs[step]), training=training)
         dx = layer.backward(concat(dys[step]))
-        out.append(
-            dict(
-                y=y.copy(),
-                dx=dx.copy(),
-                aux=layer.aux_loss,
-                z=layer.z_loss,
-                grads={k: v.copy() for k, v in layer.grads.items()},
-                dropped=int(layer.last_plan.dropped),
-            )
-        )
+        out.append(step_record(layer, y, dx))
         if lr is not None:
             for key in EXPERT_KEYS:
                 if key in layer.params:
                     layer.params[key][...] -= np.float32(lr) * layer.grads[key]
+    return out
+
+
+def step_record(layer, y, dx, **extra) -> dict:
+    """What the tests compare after one step of a layer (copies, not live views)."""
+    return dict(
+        y=y.copy(),
+        dx=dx.copy(),
+        aux=layer.aux_loss,
+        z=layer.z_loss,
+        grads={
+            k: v.copy()
+            for k, v in layer.grads.items()
+            if k != "router" or "router_share" not in extra
+        },
+        dropped=int(layer.last_plan.dropped),
+        **extra,
+    )
+
+
+def sgd(layer, lr):
+    """A plain SGD update of the expert weights (the router is left as it is)."""
+    for key in EXPERT_KEYS:
+        if key in layer.params:
+            layer.params[key][...] -= np.float32(lr) * layer.grads[key]
+
+
+def ep_steps(comm, layer, xs, dys, training, lr=None):
+    """Forward and backward of an expert-parallel layer on this rank's rows of each step's
+    tokens, summing the router's shares over ranks; per step, what the tests compare."""
+    out = []
+    for x_step, dy_step in zip(xs, dys):
+        y = layer.forward(x_step[comm.rank], training=training)
+        dx = layer.backward(dy_step[comm.rank])
+        share = layer.grads["router"].copy()
+        sum_gradients(comm, {"router": layer.grads["router"]})
+        out.append(
+            step_record(
+                layer, y, dx, router_share=share, router_summed=layer.grads["router"].copy()
+            )
+        )
+        if lr is not None:
+            sgd(layer, lr)
     return out
 
 
@@ -151,29 +185,7 @@ def run_ep(world, cfg, params, xs, dys, training, steps=1, lr=None, group_size=N
         assert layer.local_experts == E // world, (comm.rank, layer.local_experts)
         assert layer.first_expert == comm.rank * (E // world), (comm.rank, layer.first_expert)
         load_params(layer, params)
-        out = []
-        for step in range(steps):
-            y = layer.forward(xs[step][comm.rank], training=training)
-            dx = layer.backward(dys[step][comm.rank])
-            share = layer.grads["router"].copy()
-            sum_gradients(comm, {"router": layer.grads["router"]})
-            out.append(
-                dict(
-                    y=y.copy(),
-                    dx=dx.copy(),
-                    aux=layer.aux_loss,
-                    z=layer.z_loss,
-                    grads={k: v.copy() for k, v in layer.grads.items() if k != "router"},
-                    router_share=share,
-                    router_summed=layer.grads["router"].copy(),
-                    dropped=int(layer.last_plan.dropped),
-                )
-            )
-            if lr is not None:
-                for key in EXPERT_KEYS:
-                    if key in layer.params:
-                        layer.params[key][...] -= np.float32(lr) * layer.grads[key]
-        return out
+        return ep_steps(comm, layer, xs[:steps], dys[:steps], training, lr)
 
     return LocalGroup(world, timeout=30).run(fn)
 

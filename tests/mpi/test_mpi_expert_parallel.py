@@ -22,18 +22,20 @@ from mpi_utils import Failures, digest, gather_ints
 from test_comm_local import ref_reduce
 from test_ep import (
     CONFIGS,
-    EXPERT_KEYS,
     ROUTER_ATOL,
     ROUTER_RTOL,
     D,
     F,
     assert_close_scaled,
+    ep_steps,
     global_params,
     load_params,
+    sgd,
+    step_record,
 )
 
 import pyswitch
-from pyswitch.comm import LocalGroup, sum_gradients
+from pyswitch.comm import LocalGroup
 
 BF16 = np.dtype(pyswitch.bfloat16)
 F32 = np.dtype(np.float32)
@@ -56,12 +58,6 @@ def make_data(seed, world, counts, cfg, num_exp, steps=1):
     return params, xs, dys
 
 
-def sgd(layer, lr):
-    for key in EXPERT_KEYS:
-        if key in layer.params:
-            layer.params[key][...] -= np.float32(lr) * layer.grads[key]
-
-
 def one_rank(cfg, num_exp, params, xs, dys, training, group_size, lr=None):
     """The reference: one rank, all experts, the ranks' tokens concatenated in rank order."""
     layer = pyswitch.SwitchFFN(D, F, num_exp, group_size=group_size, **cfg)
@@ -70,16 +66,7 @@ def one_rank(cfg, num_exp, params, xs, dys, training, group_size, lr=None):
     for x_step, dy_step in zip(xs, dys):
         y = layer.forward(np.concatenate(x_step), training=training)
         dx = layer.backward(np.concatenate(dy_step))
-        out.append(
-            dict(
-                y=y.copy(),
-                dx=dx.copy(),
-                aux=layer.aux_loss,
-                z=layer.z_loss,
-                grads={k: v.copy() for k, v in layer.grads.items()},
-                dropped=int(layer.last_plan.dropped),
-            )
-        )
+        out.append(step_record(layer, y, dx))
         if lr is not None:
             sgd(layer, lr)
     return out
@@ -91,27 +78,7 @@ def ep_rank(comm, cfg, num_exp, params, xs, dys, training, lr=None):
     n = num_exp // comm.size
     assert (layer.first_expert, layer.local_experts) == (comm.rank * n, n)
     load_params(layer, params)
-    out = []
-    for x_step, dy_step in zip(xs, dys):
-        y = layer.forward(x_step[comm.rank], training=training)
-        dx = layer.backward(dy_step[comm.rank])
-        share = layer.grads["router"].copy()
-        sum_gradients(comm, {"router": layer.grads["router"]})
-        out.append(
-            dict(
-                y=y.copy(),
-                dx=dx.copy(),
-                aux=layer.aux_loss,
-                z=layer.z_loss,
-                grads={k: v.copy() for k, v in layer.grads.items() if k != "router"},
-                router_share=share,
-                router_summed=layer.grads["router"].copy(),
-                dropped=int(layer.last_plan.dropped),
-            )
-        )
-        if lr is not None:
-            sgd(layer, lr)
-    return out
+    return ep_steps(comm, layer, xs, dys, training, lr)
 
 
 def check_against_one_rank(comm, failures, ref, mine, counts, num_exp, what):
