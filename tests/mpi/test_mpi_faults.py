@@ -25,7 +25,8 @@ import time
 import numpy as np
 import pytest
 from mpi_utils import Failures, names_rank, timed
-from test_comm_local import COLLECTIVES, call_step, check_result, make_step
+from test_comm_local import COLLECTIVES, call_step, check_result, f32, make_step
+from test_comm_local import MISMATCHES as THREAD_RANK_MISMATCHES
 
 import pyswitch
 
@@ -264,63 +265,13 @@ def test_d_delays_adding_up_past_the_timeout(make_comm):
 # --------------------------------------------------------------------------------------------
 
 
-def f32(*shape):
-    return np.ones(shape, dtype=np.float32)
-
-
-# name -> (call(comm, odd) where rank `odd` disagrees, ops the message may name)
-MISMATCHES = {
-    "op all_reduce vs all_gather": (
-        lambda c, odd: c.all_gather(f32(2, 3)) if c.rank == odd else c.all_reduce(f32(2, 3)),
-        ("all_reduce", "all_gather"),
-    ),
-    "op barrier vs broadcast": (
-        lambda c, odd: c.barrier() if c.rank == odd else c.broadcast(f32(2)),
-        ("barrier", "broadcast"),
-    ),
-    "op all_to_all vs all_to_all_v": (
-        lambda c, odd: (
-            c.all_to_all_v(f32(c.size, 2), [1] * c.size)
-            if c.rank == odd
-            else c.all_to_all(f32(c.size, 2))
-        ),
-        ("all_to_all",),
-    ),
-    "reduce op sum vs max": (
-        lambda c, odd: c.all_reduce(f32(2, 3), op="max" if c.rank == odd else "sum"),
-        ("all_reduce",),
-    ),
-    "count all_reduce 3 vs 2 rows": (
-        lambda c, odd: c.all_reduce(f32(3 if c.rank == odd else 2, 3)),
-        ("all_reduce",),
-    ),
-    "count all_to_all n=2 vs n=1": (
-        lambda c, odd: c.all_to_all(f32((2 if c.rank == odd else 1) * c.size, 3)),
-        ("all_to_all",),
-    ),
-    "dtype all_reduce int32 vs float32": (
-        lambda c, odd: c.all_reduce(np.ones((2, 3), np.int32 if c.rank == odd else np.float32)),
-        ("all_reduce",),
-    ),
-    "dtype all_to_all_v int32 vs int64": (
-        lambda c, odd: c.all_to_all_v(
-            np.ones((c.size, 2), np.int32 if c.rank == odd else np.int64), [1] * c.size
-        ),
-        ("all_to_all_v",),
-    ),
-    "trailing shape all_gather (3, 2) vs (2, 3)": (
-        lambda c, odd: c.all_gather(f32(3, 2) if c.rank == odd else f32(2, 3)),
-        ("all_gather",),
-    ),
-    "trailing shape all_to_all_v zero rows (0, 4) vs (0, 3)": (
-        lambda c, odd: c.all_to_all_v(f32(0, 4 if c.rank == odd else 3), [0] * c.size),
-        ("all_to_all_v",),
-    ),
-    "broadcast root": (
-        lambda c, odd: c.broadcast(f32(2, 3), root=odd if c.rank == odd else (odd + 1) % c.size),
-        ("broadcast",),
-    ),
-}
+# The thread-rank suite's table of mismatched calls (every one goes through the public API,
+# so it applies to MPI unchanged), plus a root mismatch.
+MISMATCHES = dict(THREAD_RANK_MISMATCHES)
+MISMATCHES["broadcast root"] = (
+    lambda c, odd: c.broadcast(f32(2, 3), root=odd if c.rank == odd else (odd + 1) % c.size),
+    ("broadcast",),
+)
 
 
 def _raw(c, odd, kind):
