@@ -376,9 +376,10 @@ def test_learning_rate_bad_args(args):
 
 
 def test_core_learning_rate_checks_decay_during_warmup():
-    """The core checks the decay name only once the warmup is over (the Python wrapper always
-    does); documented here, see the report."""
-    assert _core.learning_rate(0, 1.0, 10, 100, "exponential") == pytest.approx(0.1)
+    """The core rejects an unknown decay name at every step, warmup included (it used to accept
+    one until the warmup was over)."""
+    with pytest.raises(ValueError, match="decay must be"):
+        _core.learning_rate(0, 1.0, 10, 100, "exponential")
 
 
 def test_learning_rate_bad_types():

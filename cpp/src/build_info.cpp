@@ -12,6 +12,9 @@ BuildInfo build_info() {
 #ifdef PYSWITCH_HAVE_MPI
   info.mpi = true;
 #endif
+#ifdef PYSWITCH_HAVE_OPENSSL
+  info.checkpoint_hashes = true;
+#endif
 #ifdef PYSWITCH_HAVE_CUDA
   info.cuda = true;
 #endif

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/log.hpp"
 
 namespace pyswitch {
 namespace {
@@ -36,11 +37,21 @@ CpuIsa initial_isa() {
     CpuIsa wanted = CpuIsa::scalar;
     try {
       wanted = parse_cpu_isa(cap);
-    } catch (const InvalidArgument&) {
-      return best;  // an unknown value must not break import; build_info shows what is active
+    } catch (const InvalidArgument& e) {
+      // An unknown value must not break import; build_info shows what is active.
+      log_message(LogLevel::warning, std::string("PYSWITCH_CPU_ISA ignored: ") + e.what() +
+                                         "; using " + cpu_isa_name(best));
+      return best;
     }
-    if (static_cast<int>(wanted) < static_cast<int>(best)) best = wanted;
+    if (static_cast<int>(wanted) < static_cast<int>(best)) {
+      best = wanted;
+    } else if (wanted != best) {
+      log_message(LogLevel::warning, std::string("PYSWITCH_CPU_ISA=") + cap +
+                                         " is not supported by this CPU; using " +
+                                         cpu_isa_name(best));
+    }
   }
+  log_message(LogLevel::debug, std::string("CPU kernels: ") + cpu_isa_name(best));
   return best;
 }
 

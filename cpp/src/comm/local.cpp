@@ -15,6 +15,7 @@
 #include "comm/common.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/log.hpp"
 
 namespace pyswitch::comm {
 
@@ -35,6 +36,7 @@ class LocalGroupState {
     if (!poisoned_) {
       poisoned_ = true;
       poison_reason_ = reason;
+      log_message(LogLevel::info, "thread-rank group poisoned: " + reason);
     }
     cv_.notify_all();
   }

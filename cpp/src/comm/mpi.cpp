@@ -12,6 +12,7 @@
 
 #include "comm/common.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/log.hpp"
 
 namespace pyswitch::comm {
 namespace {
@@ -135,6 +136,9 @@ struct MPIComm::State {
   void abandon_buffers() {
     static std::vector<std::vector<int64_t>>* kept_words = new std::vector<std::vector<int64_t>>();
     static std::vector<std::vector<char>>* kept_bytes = new std::vector<std::vector<char>>();
+    log_message(LogLevel::warning,
+                "MPI communicator: a call was abandoned while MPI may still use its buffers; "
+                "they are kept (not freed) until the process ends");
     kept_words->push_back(std::move(descriptor));
     kept_words->push_back(std::move(gathered));
     kept_bytes->push_back(std::move(scratch));
@@ -150,6 +154,7 @@ struct MPIComm::State {
       poisoned = true;
       by_timeout = timeout;
       reason = message;
+      log_message(LogLevel::info, "MPI communicator failed: " + message);
     }
     if (tell) tell_peers(message, timeout);
     if (pending) abandon_buffers();

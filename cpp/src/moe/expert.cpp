@@ -219,6 +219,12 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
                       const void* x, ExpertCache& c, const void* dy, void* dx,
                       const ExpertGrads& g) {
   validate("experts_backward", s, p, offsets);
+  PYSWITCH_CHECK_ARG(g.w_in != nullptr && g.w_out != nullptr &&
+                         (g.w_gate != nullptr) == (p.w_gate != nullptr) &&
+                         (g.b_in != nullptr) == (p.b_in != nullptr) &&
+                         (g.b_out != nullptr) == (p.b_out != nullptr),
+                     "experts_backward: gradient pointers must be given exactly for the parameters "
+                     "present (w_in, w_out, and w_gate / b_in / b_out when the layer has them)");
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
   const int64_t rows = offsets[E];
   const bool geglu = s.activation == Activation::geglu;

@@ -194,6 +194,9 @@ void Linear::backward(const float* weight, const float* x, const float* dy, int6
     return;
   }
   // The forward's bf16 copies of x and W are still current (same step).
+  PYSWITCH_CHECK_STATE(static_cast<int64_t>(x_bf16_.size()) == T * in_ && !w_bf16_.empty(),
+                       "Linear::backward: bfloat16 mode needs a forward over the same ", T,
+                       " rows first");
   dy_bf16_.resize(static_cast<size_t>(T * out_));
   convert_f32_to_bf16(dy, dy_bf16_.data(), T * out_);
   if (dx) {

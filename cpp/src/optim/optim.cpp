@@ -155,6 +155,9 @@ double learning_rate(int64_t step, double peak, int64_t warmup, int64_t total,
   PYSWITCH_CHECK_ARG(step >= 0 && warmup >= 0 && total >= 1,
                      "learning_rate: step and warmup must be >= 0 and total >= 1, got ", step, ", ",
                      warmup, ", ", total);
+  PYSWITCH_CHECK_ARG(
+      decay == "cosine" || decay == "linear" || decay == "rsqrt" || decay == "constant",
+      "learning_rate: decay must be 'cosine', 'linear', 'rsqrt' or 'constant', got '", decay, "'");
   if (warmup > 0 && step < warmup) return peak * static_cast<double>(step + 1) / warmup;
   if (decay == "constant") return peak;
   if (decay == "rsqrt") {

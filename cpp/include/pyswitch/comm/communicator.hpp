@@ -1,13 +1,18 @@
 /// @file comm/communicator.hpp
 /// The collective-communication interface that carries expert and data parallelism: MPI/NCCL
-/// names in snake_case. Backends: thread ranks in one process (comm/local.hpp); MPI later.
+/// names in snake_case. Backends: thread ranks in one process (comm/local.hpp) and MPI
+/// (comm/mpi.hpp).
 ///
 /// Rules for every call (as in MPI): every rank of the group calls every collective, in the
 /// same order, with matching op, dtype and sizes, including ranks with nothing to send. Each
 /// call carries (sequence number, op, dtype, sizes); a mismatch makes every rank throw
-/// CommError at that call. Every wait has a timeout (CommTimeout). A rank that fails poisons
-/// the group: the others throw CommError naming the op, the sequence number and the ranks, and
-/// so does any later call. Counts are in elements and 64-bit. Buffers are owned by the caller
+/// CommError at that call. Every wait has a timeout (CommTimeout). A rank that fails inside a
+/// call poisons the group: the others throw CommError naming the op, the sequence number and
+/// the ranks, and so does any later call. Argument errors (InvalidArgument: a negative count, a
+/// bad root, "mean" on integers) are thrown before the call is posted and do not poison the
+/// group, so that when every rank makes the same mistake the communicator stays usable; when
+/// only one rank does, its peers wait for the timeout unless the caller poisons the group (the
+/// Python `run` helpers do). Counts are in elements and 64-bit. Buffers are owned by the caller
 /// and must stay valid until the call returns.
 #pragma once
 

@@ -39,8 +39,8 @@ struct ExpertParams {
   const float* b_out = nullptr;
 };
 
-/// Gradients in the layout of ExpertParams; written (not accumulated). Null entries are
-/// skipped (they must be null exactly where the parameter is).
+/// Gradients in the layout of ExpertParams; written (not accumulated). Each must be non-null
+/// exactly where the parameter is (w_in and w_out always); otherwise InvalidArgument.
 struct ExpertGrads {
   float* w_in = nullptr;
   float* w_gate = nullptr;

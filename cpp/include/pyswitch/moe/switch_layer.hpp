@@ -99,7 +99,10 @@ class SwitchFFN {
   /// The random state: training forwards drawn so far by jitter and by expert dropout (each
   /// counts only while it is enabled). Saved by checkpoints; restoring it makes a resumed run
   /// draw the same numbers.
-  uint64_t training_steps() const { return router_.training_steps(); }
+  uint64_t training_steps() const {
+    // Each counter advances only while its feature is on; both start from the value set.
+    return router_.training_steps() > training_steps_ ? router_.training_steps() : training_steps_;
+  }
   void set_training_steps(uint64_t steps) {
     router_.set_training_steps(steps);
     training_steps_ = steps;

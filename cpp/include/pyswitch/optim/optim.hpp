@@ -21,7 +21,8 @@ struct AdamWOptions {
 };
 
 /// One AdamW step: m, v (n) float32 moments updated in place; step >= 1 is the bias-correction
-/// count. decay=false skips weight decay (norms, biases, embeddings by convention).
+/// count. decay=false skips weight decay (norms and biases by convention; SwitchLM decays its
+/// matrices, the tied embedding and the routers included).
 /// Throws InvalidArgument for step < 1 or a non-finite or negative lr.
 void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, int64_t step,
                 double lr, const AdamWOptions& options, bool decay);
