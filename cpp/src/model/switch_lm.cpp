@@ -191,7 +191,8 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
   h0_.resize(static_cast<size_t>(T * d));
   nn::embedding_forward(embed_.data(), V, d, inputs, T, h0_.data());
   const std::vector<float>* h = &h0_;
-  std::vector<float> projected(static_cast<size_t>(T * d));
+  std::vector<float>& projected = work_projected_;
+  projected.resize(static_cast<size_t>(T * d));
   for (auto& bp : blocks_) {
     Block& b = *bp;
     b.h_in = *h;
@@ -270,15 +271,20 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
   if (!backward) return loss;
 
   // Output head and final norm.
-  std::vector<float> dz(static_cast<size_t>(T * d)), dh(static_cast<size_t>(T * d));
+  // Workspaces live in the model: fresh multi-megabyte buffers every step cost page faults.
+  std::vector<float>&dz = work_dz_, &dh = work_dh_, &d_branch = work_branch_, &d_norm = work_norm_,
+  &d_qkv = work_qkv_;
+  dz.resize(static_cast<size_t>(T * d));
+  dh.resize(static_cast<size_t>(T * d));
+  d_branch.resize(static_cast<size_t>(T * d));
+  d_norm.resize(static_cast<size_t>(T * d));
+  d_qkv.resize(static_cast<size_t>(T * 3 * d));
   detail::gemm(DType::float32, false, false, T, d, V, 1.0f, d_logits_.data(), V, embed_.data(), d,
                0.0f, dz.data(), d);
   detail::gemm(DType::float32, true, false, V, d, T, 1.0f, d_logits_.data(), V, z_.data(), d, 0.0f,
                embed_grad_.data(), d);
   nn::rmsnorm_backward(dz.data(), h_final_.data(), final_norm_.data(), z_inv_rms_.data(), T, d,
                        dh.data(), final_norm_grad_.data());
-  std::vector<float> d_branch(static_cast<size_t>(T * d)), d_norm(static_cast<size_t>(T * d));
-  std::vector<float> d_qkv(static_cast<size_t>(T * 3 * d));
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     // h_out = h_mid + ffn(norm(h_mid))

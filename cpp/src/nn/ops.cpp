@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 
 #include "gemm.hpp"
 #include "parallel.hpp"
@@ -62,20 +64,57 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   }
 }
 
-void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double base,
-                bool inverse) {
-  PYSWITCH_CHECK_ARG(Dh % 2 == 0, "rope: the head dimension must be even, got ", Dh);
-  const int64_t half = Dh / 2, width = 3 * H * Dh;
-  std::vector<float> cos_table(static_cast<size_t>(S * half)), sin_table(cos_table.size());
+namespace {
+
+struct RopeTable {
+  std::vector<float> cos, sin, minus_sin;  // (S, Dh / 2)
+};
+
+// The cos/sin tables of the last few (S, Dh, base): a model calls rope_apply twice per layer
+// per step with the same sizes, and the tables cost S * Dh / 2 pow, sin and cos in double.
+std::shared_ptr<const RopeTable> rope_table(int64_t S, int64_t Dh, double base) {
+  struct Entry {
+    int64_t S, Dh;
+    double base;
+    std::shared_ptr<const RopeTable> table;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;  // most recent last; at most 4 entries
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : cache)
+      if (e.S == S && e.Dh == Dh && e.base == base) return e.table;
+  }
+  auto table = std::make_shared<RopeTable>();
+  const int64_t half = Dh / 2;
+  table->cos.resize(static_cast<size_t>(S * half));
+  table->sin.resize(table->cos.size());
+  table->minus_sin.resize(table->cos.size());
   for (int64_t p = 0; p < S; ++p) {
     for (int64_t i = 0; i < half; ++i) {
       const double angle =
           static_cast<double>(p) * std::pow(base, -2.0 * static_cast<double>(i) / Dh);
-      cos_table[static_cast<size_t>(p * half + i)] = static_cast<float>(std::cos(angle));
-      sin_table[static_cast<size_t>(p * half + i)] =
-          static_cast<float>(inverse ? -std::sin(angle) : std::sin(angle));
+      const size_t at = static_cast<size_t>(p * half + i);
+      table->cos[at] = static_cast<float>(std::cos(angle));
+      table->sin[at] = static_cast<float>(std::sin(angle));
+      table->minus_sin[at] = static_cast<float>(-std::sin(angle));
     }
   }
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() == 4) cache.erase(cache.begin());
+  cache.push_back({S, Dh, base, table});
+  return table;
+}
+
+}  // namespace
+
+void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double base,
+                bool inverse) {
+  PYSWITCH_CHECK_ARG(Dh % 2 == 0, "rope: the head dimension must be even, got ", Dh);
+  const int64_t half = Dh / 2, width = 3 * H * Dh;
+  const std::shared_ptr<const RopeTable> table = rope_table(S, Dh, base);
+  const std::vector<float>& cos_table = table->cos;
+  const std::vector<float>& sin_table = inverse ? table->minus_sin : table->sin;
   const int64_t rows = B * S;
   detail::parallel_for(detail::ceil_div(rows, kRows), [&](int64_t b) {
     const int64_t end = std::min(rows, (b + 1) * kRows);
@@ -96,6 +135,12 @@ void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double 
   });
 }
 
+// Query rows are processed in blocks of kQueryBlock: block [i0, i1) attends to keys [0, i1)
+// only, which skips most of the masked half of every S x S product (causality) while keeping
+// GEMMs large enough to run near peak. The blocks are fixed, so results never depend on the
+// thread count (one (batch, head) pair per task, serial inside).
+constexpr int64_t kQueryBlock = 64;
+
 void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, float* out,
                        float* probs) {
   const int64_t width = 3 * H * Dh, out_width = H * Dh;
@@ -106,23 +151,27 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_
     const float* k = q + H * Dh;
     const float* v = q + 2 * H * Dh;
     float* p = probs + bh * S * S;
-    detail::gemm_serial(DType::float32, false, true, S, S, Dh, scale, q, width, k, width, 0.0f, p,
-                        S);
-    for (int64_t i = 0; i < S; ++i) {
-      float* row = p + i * S;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-      float sum = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
+    float* o = out + b * S * out_width + h * Dh;
+    for (int64_t i0 = 0; i0 < S; i0 += kQueryBlock) {
+      const int64_t i1 = std::min(S, i0 + kQueryBlock);
+      detail::gemm_serial(DType::float32, false, true, i1 - i0, i1, Dh, scale, q + i0 * width,
+                          width, k, width, 0.0f, p + i0 * S, S);
+      for (int64_t i = i0; i < i1; ++i) {
+        float* row = p + i * S;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
+        float sum = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+        std::fill(row + i + 1, row + S, 0.0f);
       }
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-      std::fill(row + i + 1, row + S, 0.0f);
+      detail::gemm_serial(DType::float32, false, false, i1 - i0, Dh, i1, 1.0f, p + i0 * S, S, v,
+                          width, 0.0f, o + i0 * out_width, out_width);
     }
-    detail::gemm_serial(DType::float32, false, false, S, Dh, S, 1.0f, p, S, v, width, 0.0f,
-                        out + b * S * out_width + h * Dh, out_width);
   });
 }
 
@@ -140,24 +189,33 @@ void attention_backward(const float* d_out, const float* qkv, const float* probs
     float* dq = d_qkv + b * S * width + h * Dh;
     float* dk = dq + H * Dh;
     float* dv = dq + 2 * H * Dh;
-    std::vector<float> ds(static_cast<size_t>(S * S));
-    // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)).
-    detail::gemm_serial(DType::float32, false, true, S, S, Dh, 1.0f, g, out_width, v, width, 0.0f,
-                        ds.data(), S);
-    for (int64_t i = 0; i < S; ++i) {
-      float* row = ds.data() + i * S;
-      const float* prow = p + i * S;
-      float dot = 0;
-      for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];
-      for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
-      std::fill(row + i + 1, row + S, 0.0f);
+    // dK and dV accumulate over query blocks.
+    for (int64_t j = 0; j < S; ++j) {
+      std::fill(dk + j * width, dk + j * width + Dh, 0.0f);
+      std::fill(dv + j * width, dv + j * width + Dh, 0.0f);
     }
-    detail::gemm_serial(DType::float32, true, false, S, Dh, S, 1.0f, p, S, g, out_width, 0.0f, dv,
-                        width);
-    detail::gemm_serial(DType::float32, false, false, S, Dh, S, scale, ds.data(), S, k, width, 0.0f,
-                        dq, width);
-    detail::gemm_serial(DType::float32, true, false, S, Dh, S, scale, ds.data(), S, q, width, 0.0f,
-                        dk, width);
+    thread_local std::vector<float> ds;
+    ds.resize(static_cast<size_t>(kQueryBlock * S));
+    for (int64_t i0 = 0; i0 < S; i0 += kQueryBlock) {
+      const int64_t i1 = std::min(S, i0 + kQueryBlock), n = i1 - i0;
+      // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)), over the keys [0, i1).
+      detail::gemm_serial(DType::float32, false, true, n, i1, Dh, 1.0f, g + i0 * out_width,
+                          out_width, v, width, 0.0f, ds.data(), S);
+      for (int64_t i = i0; i < i1; ++i) {
+        float* row = ds.data() + (i - i0) * S;
+        const float* prow = p + i * S;
+        float dot = 0;
+        for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];
+        for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
+        std::fill(row + i + 1, row + i1, 0.0f);
+      }
+      detail::gemm_serial(DType::float32, true, false, i1, Dh, n, 1.0f, p + i0 * S, S,
+                          g + i0 * out_width, out_width, 1.0f, dv, width);
+      detail::gemm_serial(DType::float32, false, false, n, Dh, i1, scale, ds.data(), S, k, width,
+                          0.0f, dq + i0 * width, width);
+      detail::gemm_serial(DType::float32, true, false, i1, Dh, n, scale, ds.data(), S,
+                          q + i0 * width, width, 1.0f, dk, width);
+    }
   });
 }
 

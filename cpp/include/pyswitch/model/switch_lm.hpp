@@ -111,6 +111,8 @@ class SwitchLM {
   uint64_t training_steps_ = 0;
   std::vector<int32_t> inputs_;
   std::vector<float> h0_, h_final_, z_, z_inv_rms_, logits_, d_logits_;
+  // Workspaces reused from step to step.
+  std::vector<float> work_projected_, work_dz_, work_dh_, work_branch_, work_norm_, work_qkv_;
 };
 
 }  // namespace pyswitch::model
