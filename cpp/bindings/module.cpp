@@ -1150,15 +1150,10 @@ PYBIND11_MODULE(_core, m) {
               }
             }
             std::vector<int64_t> send_counts(W), send_displs(W), recv_counts(W), recv_displs(W);
-            int64_t sent = 0, received = 0;
-            for (int q = 0; q < W; ++q) {
-              send_counts[q] = send_rows[q] * per_row;
-              send_displs[q] = sent;
-              sent += send_counts[q];
-              recv_counts[q] = recv_rows[q] * per_row;
-              recv_displs[q] = received;
-              received += recv_counts[q];
-            }
+            const int64_t sent = comm::packed_row_blocks(send_rows.data(), W, per_row,
+                                                         send_counts.data(), send_displs.data());
+            comm::packed_row_blocks(recv_rows.data(), W, per_row, recv_counts.data(),
+                                    recv_displs.data());
             PYSWITCH_CHECK_ARG(sent <= x.size(), "all_to_all_v: send_counts add up to ", sent,
                                " elements but x holds ", x.size());
             std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());

@@ -92,6 +92,18 @@ const char* op_name(Op op) {
   return "unknown";
 }
 
+int64_t packed_row_blocks(const int64_t* rows, int size, int64_t row_elements, int64_t* counts,
+                          int64_t* displs) {
+  int64_t at = 0;
+  for (int w = 0; w < size; ++w) {
+    PYSWITCH_CHECK_ARG(rows[w] >= 0, "all_to_all_v: row count ", w, " is negative (", rows[w], ")");
+    counts[w] = rows[w] * row_elements;
+    displs[w] = at;
+    at += counts[w];
+  }
+  return at;
+}
+
 void check_count(const char* where, int64_t count) {
   PYSWITCH_CHECK_ARG(count >= 0, where, ": count must be >= 0, got ", count);
 }

@@ -255,15 +255,8 @@ void SwitchFFN::exchange_rows(const void* send, void* recv, bool to_owners) {
   const std::vector<int64_t>& out_rows = to_owners ? exchange_.send_rows : exchange_.recv_rows;
   const std::vector<int64_t>& in_rows = to_owners ? exchange_.recv_rows : exchange_.send_rows;
   std::vector<int64_t> send_counts(W), send_displs(W), recv_counts(W), recv_displs(W);
-  int64_t send_at = 0, recv_at = 0;
-  for (int w = 0; w < W; ++w) {
-    send_counts[w] = out_rows[w] * d;
-    send_displs[w] = send_at;
-    send_at += send_counts[w];
-    recv_counts[w] = in_rows[w] * d;
-    recv_displs[w] = recv_at;
-    recv_at += recv_counts[w];
-  }
+  comm::packed_row_blocks(out_rows.data(), W, d, send_counts.data(), send_displs.data());
+  comm::packed_row_blocks(in_rows.data(), W, d, recv_counts.data(), recv_displs.data());
   comm_->all_to_all_v(send, send_counts.data(), send_displs.data(), recv, recv_counts.data(),
                       recv_displs.data(), wire_dtype(options_.dtype));
 }

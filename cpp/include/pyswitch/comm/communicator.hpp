@@ -90,4 +90,11 @@ class Communicator {
   int64_t next_call_check_ = 0;
 };
 
+/// The counts and displacements of an all_to_all_v that moves whole rows of `row_elements`
+/// elements, packed in rank order: block w is rows[w] * row_elements elements at the running
+/// offset. rows, counts, displs: `size` entries (counts and displs written). Returns the total
+/// number of elements. Throws InvalidArgument for a negative row count.
+int64_t packed_row_blocks(const int64_t* rows, int size, int64_t row_elements, int64_t* counts,
+                          int64_t* displs);
+
 }  // namespace pyswitch::comm
