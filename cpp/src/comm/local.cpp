@@ -32,13 +32,18 @@ class LocalGroupState {
   double timeout() const { return timeout_; }
 
   void poison(const std::string& reason) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!poisoned_) {
-      poisoned_ = true;
-      poison_reason_ = reason;
-      log_message(LogLevel::info, "thread-rank group poisoned: " + reason);
+    bool first = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!poisoned_) {
+        poisoned_ = true;
+        poison_reason_ = reason;
+        first = true;
+      }
+      cv_.notify_all();
     }
-    cv_.notify_all();
+    // Outside the lock: a host's log callback must never run while the group's mutex is held.
+    if (first) log_message(LogLevel::info, "thread-rank group poisoned: " + reason);
   }
   bool poisoned() const {
     std::lock_guard<std::mutex> lock(mutex_);
