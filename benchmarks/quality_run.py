@@ -6,8 +6,12 @@ with the same seed and batches, and reports each Switch model's step speed-up to
 dense model's final validation loss (`pyswitch compare`). The paper reports 7x at 64 experts on
 TPUs; the goal here (issue 5) is >= 2x for E = 16.
 
-    python benchmarks/quality_run.py [--steps 600] [--decay cosine]
-        [--out benchmarks/results/quality]
+    python benchmarks/quality_run.py [--steps 600] [--decay cosine] [--d-model 256 ...]
+        [--experts 0 8 16] [--out benchmarks/results/quality]
+
+Each run is deterministic and independent of the thread count, so the runs may also be made
+in parallel processes (one ``--experts`` value each, same ``--out``); a last call with all the
+values finds them done and only compares.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def main(argv=None) -> int:
         help="learning-rate decay after warmup; rsqrt (the paper's) does not end every run at "
         "the comparison step the way cosine does",
     )
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW: 2e-3)")
     args = parser.parse_args(argv)
 
     import pyswitch
@@ -50,7 +60,13 @@ def main(argv=None) -> int:
         else:
             t0 = time.monotonic()
             train(
-                SwitchLMConfig(num_experts=experts),
+                SwitchLMConfig(
+                    d_model=args.d_model,
+                    num_layers=args.layers,
+                    num_heads=args.heads,
+                    d_ff=args.d_ff,
+                    num_experts=experts,
+                ),
                 TrainOptions(
                     steps=args.steps,
                     minutes=None,
@@ -59,6 +75,8 @@ def main(argv=None) -> int:
                     ckpt_every=args.steps,
                     progress=False,
                     decay=args.decay,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
                 ),
             )
             print(f"{run_dir}: {time.monotonic() - t0:.0f} s")
