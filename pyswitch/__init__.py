@@ -22,8 +22,10 @@ from .routing import ExpertChoicePlan, Router, RoutingPlan, route, route_expert_
 from .runtime import (
     build_info,
     cpu_isa,
+    get_log_level,
     get_num_threads,
     set_cpu_isa,
+    set_log_level,
     set_num_threads,
     supported_isas,
 )
@@ -43,6 +45,8 @@ __all__ = [
     "supported_isas",
     "get_num_threads",
     "set_num_threads",
+    "set_log_level",
+    "get_log_level",
     "to_bfloat16",
     "to_float32",
     "route",

@@ -60,6 +60,32 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error", "off")
+
+
+def set_log_level(level: str) -> None:
+    """Which messages of the C++ core reach stderr: ``"debug"``, ``"info"``, ``"warning"``
+    (default), ``"error"`` or ``"off"``. The core never writes to stdout; its messages are few
+    (an ignored ``PYSWITCH_CPU_ISA``, a poisoned communicator group, buffers kept after an
+    abandoned MPI call). The level at import is ``PYSWITCH_LOG_LEVEL`` when set.
+
+    Raises
+    ------
+    ValueError
+        For an unknown level.
+    """
+    if not isinstance(level, str):
+        raise TypeError(f"set_log_level: level must be a str, got {type(level).__name__}")
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"set_log_level: level must be one of {_LOG_LEVELS}, got {level!r}")
+    _core.set_log_level(level)
+
+
+def get_log_level() -> str:
+    """The current level of :func:`set_log_level`."""
+    return _core.log_level()
+
+
 def set_num_threads(n: int) -> None:
     """Set the threads each op uses. Results do not depend on it (fixed work blocks).
 

@@ -17,6 +17,7 @@
 #include "pyswitch/comm/local.hpp"
 #include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/log.hpp"
 #include "pyswitch/matmul.hpp"
 #include "pyswitch/model/switch_lm.hpp"
 #include "pyswitch/moe/dispatch.hpp"
@@ -360,10 +361,27 @@ PYBIND11_MODULE(_core, m) {
     d["blas"] = info.blas;
     d["mpi"] = info.mpi;
     d["cuda"] = info.cuda;
+    d["checkpoint_hashes"] = info.checkpoint_hashes;
     d["num_threads"] = get_num_threads();
     d["compiler"] = info.compiler;
     return d;
   });
+  // The core's log sink stays its default (stderr) in Python: calling into Python from the
+  // threads that log (thread ranks, OpenMP workers) could deadlock on the GIL. Only the level is
+  // exposed.
+  m.def("set_log_level", [](const std::string& name) {
+    for (LogLevel level :
+         {LogLevel::debug, LogLevel::info, LogLevel::warning, LogLevel::error, LogLevel::off}) {
+      if (name == log_level_name(level)) {
+        set_log_level(level);
+        return;
+      }
+    }
+    throw InvalidArgument(
+        "set_log_level: level must be 'debug', 'info', 'warning', 'error' or 'off', got '" + name +
+        "'");
+  });
+  m.def("log_level", []() { return std::string(log_level_name(pyswitch::log_level())); });
   m.def("cpu_isa", []() { return std::string(cpu_isa_name(active_cpu_isa())); });
   m.def("set_cpu_isa", [](const std::string& name) {
     return std::string(cpu_isa_name(set_cpu_isa(parse_cpu_isa(name))));

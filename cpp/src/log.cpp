@@ -3,6 +3,8 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace pyswitch {
@@ -16,7 +18,23 @@ LogCallback& sink() {
   static LogCallback callback;
   return callback;
 }
-std::atomic<int> g_level{static_cast<int>(LogLevel::warning)};
+// The first level: PYSWITCH_LOG_LEVEL when it names one, else warning. An environment variable,
+// so that messages logged while a host (or `import pyswitch`) starts can be controlled too.
+int initial_level() {
+  const char* env = std::getenv("PYSWITCH_LOG_LEVEL");
+  if (env != nullptr) {
+    for (LogLevel level :
+         {LogLevel::debug, LogLevel::info, LogLevel::warning, LogLevel::error, LogLevel::off}) {
+      if (std::strcmp(env, log_level_name(level)) == 0) return static_cast<int>(level);
+    }
+  }
+  return static_cast<int>(LogLevel::warning);
+}
+
+std::atomic<int>& level_store() {
+  static std::atomic<int> level{initial_level()};
+  return level;
+}
 
 }  // namespace
 
@@ -44,15 +62,15 @@ LogCallback set_log_callback(LogCallback callback) {
 }
 
 void set_log_level(LogLevel level) {
-  g_level.store(static_cast<int>(level));
+  level_store().store(static_cast<int>(level));
 }
 
 LogLevel log_level() {
-  return static_cast<LogLevel>(g_level.load());
+  return static_cast<LogLevel>(level_store().load());
 }
 
 void log_message(LogLevel level, const std::string& message) noexcept {
-  if (level == LogLevel::off || static_cast<int>(level) < g_level.load()) return;
+  if (level == LogLevel::off || static_cast<int>(level) < level_store().load()) return;
   // A sink that logs (directly, or by calling pyswitch code that logs) would deadlock on the
   // mutex; such nested messages are dropped instead.
   thread_local bool in_sink = false;

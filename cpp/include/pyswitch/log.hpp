@@ -33,8 +33,9 @@ using LogCallback = std::function<void(LogLevel level, const std::string& messag
 /// callback (empty when it was the default), so a host can chain or restore it.
 LogCallback set_log_callback(LogCallback callback);
 
-/// Messages below `level` are dropped before they are formatted. Default: warning with the
-/// default sink; set_log_callback does not change it (set info or debug to see more).
+/// Messages below `level` are dropped before they are formatted. The initial level is the
+/// environment variable PYSWITCH_LOG_LEVEL when it names a level ("debug" ... "off"), else
+/// warning; set_log_callback does not change it (set info or debug to see more).
 void set_log_level(LogLevel level);
 LogLevel log_level();
 
