@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--expert-every", type=int, default=2, help="every n-th FFN is Switch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW: 2e-3)")
     args = parser.parse_args(argv)
@@ -54,7 +55,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for experts in args.experts:
-        run_dir = out / ("dense" if experts == 0 else f"switch-e{experts}")
+        name = "dense" if experts == 0 else f"switch-e{experts}"
+        if experts and args.expert_every != 2:
+            name += f"-every{args.expert_every}"
+        run_dir = out / name
         if (run_dir / "summary.json").exists():
             print(f"{run_dir}: done already, kept")
         else:
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
                     num_heads=args.heads,
                     d_ff=args.d_ff,
                     num_experts=experts,
+                    expert_every=args.expert_every,
                 ),
                 TrainOptions(
                     steps=args.steps,
