@@ -13,19 +13,12 @@
 #include "pyswitch/error.hpp"
 #include "pyswitch/nn/ops.hpp"
 #include "pyswitch/threading.hpp"
+#include "test_data.hpp"
 
 using namespace pyswitch;
 using namespace pyswitch::nn;
 
 namespace {
-
-std::vector<float> normal_vector(size_t n, uint32_t seed, float stddev = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> out(n);
-  for (float& x : out) x = dist(gen);
-  return out;
-}
 
 std::vector<double> to_double(const std::vector<float>& v) {
   return std::vector<double>(v.begin(), v.end());

@@ -11,19 +11,12 @@
 #include "pyswitch/error.hpp"
 #include "pyswitch/optim/optim.hpp"
 #include "pyswitch/threading.hpp"
+#include "test_data.hpp"
 
 using namespace pyswitch;
 using namespace pyswitch::optim;
 
 namespace {
-
-std::vector<float> normal_vector(size_t n, uint32_t seed, float stddev = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> out(n);
-  for (float& x : out) x = dist(gen);
-  return out;
-}
 
 double max_abs_diff(const std::vector<float>& got, const std::vector<double>& expect) {
   double worst = 0;

@@ -14,19 +14,12 @@
 #include "pyswitch/comm/local.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
+#include "test_data.hpp"
 
 using namespace pyswitch;
 using namespace pyswitch::moe;
 
 namespace {
-
-std::vector<float> normal_vector(size_t n, uint32_t seed, float stddev = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> out(n);
-  for (float& x : out) x = dist(gen);
-  return out;
-}
 
 double gelu_ref(double x) {
   return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));

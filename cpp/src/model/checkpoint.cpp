@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <stdexcept>
 
 #include "pyswitch/bf16.hpp"
@@ -255,40 +256,19 @@ RunConfig read_run_config(const std::string& run_dir) {
   try {
     const json::Value& m = root.at("model", "config.json");
     SwitchLMConfig& c = out.model;
-    static const char* known[] = {"vocab_size",
-                                  "d_model",
-                                  "num_layers",
-                                  "num_heads",
-                                  "d_ff",
-                                  "num_experts",
-                                  "k",
-                                  "capacity_factor",
-                                  "eval_capacity_factor",
-                                  "expert_every",
-                                  "dtype",
-                                  "aux_loss_coef",
-                                  "z_loss_coef",
-                                  "jitter_eps",
-                                  "init_scale",
-                                  "rope_base",
-                                  "norm_eps",
-                                  "seed"};
-    for (const auto& [key, value] : m.as_object("model")) {
-      (void)value;
-      if (std::find_if(std::begin(known), std::end(known),
-                       [&](const char* k) { return key == k; }) == std::end(known))
-        damaged(path, "model has an unknown key \"" + key + "\" (written by a newer version?)");
-    }
+    std::set<std::string> read;  // the keys the getters below consumed; any other is unknown
+    auto find = [&](const char* key) {
+      read.insert(key);
+      return m.find(key, "model");
+    };
     auto get_int = [&](const char* key, int64_t& field) {
-      if (const json::Value* v = m.find(key, "model"))
-        field = v->as_int(std::string("model.") + key);
+      if (const json::Value* v = find(key)) field = v->as_int(std::string("model.") + key);
     };
     auto get_double = [&](const char* key, double& field) {
-      if (const json::Value* v = m.find(key, "model"))
-        field = v->as_double(std::string("model.") + key);
+      if (const json::Value* v = find(key)) field = v->as_double(std::string("model.") + key);
     };
     auto get_factor = [&](const char* key, std::optional<double>& field) {
-      if (const json::Value* v = m.find(key, "model"))
+      if (const json::Value* v = find(key))
         field = v->is_null() ? std::nullopt
                              : std::optional<double>(v->as_double(std::string("model.") + key));
     };
@@ -302,7 +282,7 @@ RunConfig read_run_config(const std::string& run_dir) {
     get_factor("capacity_factor", c.capacity_factor);
     get_factor("eval_capacity_factor", c.eval_capacity_factor);
     get_int("expert_every", c.expert_every);
-    if (const json::Value* v = m.find("dtype", "model")) {
+    if (const json::Value* v = find("dtype")) {
       const std::string& name = v->as_string("model.dtype");
       if (name == "float32") {
         c.dtype = DType::float32;
@@ -319,7 +299,12 @@ RunConfig read_run_config(const std::string& run_dir) {
     get_double("init_scale", c.init_scale);
     get_double("rope_base", c.rope_base);
     get_double("norm_eps", c.norm_eps);
-    if (const json::Value* v = m.find("seed", "model")) c.seed = v->as_uint("model.seed");
+    if (const json::Value* v = find("seed")) c.seed = v->as_uint("model.seed");
+    for (const auto& [key, value] : m.as_object("model")) {
+      (void)value;
+      if (read.count(key) == 0)
+        damaged(path, "model has an unknown key \"" + key + "\" (written by a newer version?)");
+    }
     if (const json::Value* train = root.find("train", "config.json")) {
       if (const json::Value* v = train->find("batch_size", "train"))
         out.batch_size = v->as_int("train.batch_size");
