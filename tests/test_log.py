@@ -10,13 +10,19 @@ import pyswitch
 
 def run(code: str, **env) -> subprocess.CompletedProcess:
     import os
+    import tempfile
 
+    # The child imports the pyswitch this process imported (installed, or a built checkout),
+    # and runs outside the source tree so that an unbuilt checkout cannot shadow it.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(pyswitch.__file__)))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": path, **env},
+        cwd=tempfile.gettempdir(),
     )
 
 
