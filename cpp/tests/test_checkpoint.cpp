@@ -262,6 +262,29 @@ TEST(checkpoint_hash_mismatch_and_wrong_model) {
   fs::remove_all(run);
 }
 
+TEST(checkpoint_huge_shape_cannot_wrap_the_byte_count) {
+  // 2^61 float64 elements are 2^64 bytes: a byte count that wraps to 0 must not pass as an
+  // empty tensor (an "optim." name would otherwise be skipped without a word).
+  const fs::path run = fresh_dir("huge");
+  SwitchLM source(tiny_config(1));
+  const fs::path dir = write_checkpoint(run, source, 1);
+  std::string bytes = read_file(dir / "model.safetensors");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | uint8_t(bytes[size_t(i)]);
+  std::string header = bytes.substr(8, size_t(n));
+  const std::string payload = bytes.substr(8 + size_t(n));
+  header.insert(1,
+                "\"optim.huge\":{\"dtype\":\"F64\",\"shape\":[2305843009213693952],"
+                "\"data_offsets\":[0,0]},");
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[size_t(i)] = char((uint64_t(header.size()) >> (8 * i)) & 0xff);
+  write_file(dir / "model.safetensors", out + header + payload);
+  write_manifest(dir, 1);
+  SwitchLM target(tiny_config(2));
+  CHECK(throws<CheckpointError>([&] { load_checkpoint(target, dir.string()); }, "optim.huge"));
+  fs::remove_all(run);
+}
+
 TEST(checkpoint_run_config) {
   const fs::path run = fresh_dir("config");
   CHECK(throws<CheckpointError>([&] { read_run_config(run.string()); }, "no config.json"));

@@ -181,7 +181,9 @@ std::map<std::string, StoredTensor> parse_safetensors(const std::string& bytes,
                             : t.dtype == "I32"                      ? 4
                                                                     : 0;
       if (item == 0) damaged(file, name + ": unsupported dtype " + t.dtype);
-      if (t.end < t.begin || t.end > payload_size || t.end - t.begin != count * item)
+      // count <= payload_size / item first, so that count * item cannot overflow.
+      if (t.end < t.begin || t.end > payload_size || count > payload_size / item ||
+          t.end - t.begin != count * item)
         damaged(file, detail::concat(name, ": data_offsets [", t.begin, ", ", t.end,
                                      ") do not match its shape and dtype within a payload of ",
                                      payload_size, " bytes"));
