@@ -369,18 +369,7 @@ PYBIND11_MODULE(_core, m) {
   // The core's log sink stays its default (stderr) in Python: calling into Python from the
   // threads that log (thread ranks, OpenMP workers) could deadlock on the GIL. Only the level is
   // exposed.
-  m.def("set_log_level", [](const std::string& name) {
-    for (LogLevel level :
-         {LogLevel::debug, LogLevel::info, LogLevel::warning, LogLevel::error, LogLevel::off}) {
-      if (name == log_level_name(level)) {
-        set_log_level(level);
-        return;
-      }
-    }
-    throw InvalidArgument(
-        "set_log_level: level must be 'debug', 'info', 'warning', 'error' or 'off', got '" + name +
-        "'");
-  });
+  m.def("set_log_level", [](const std::string& name) { set_log_level(parse_log_level(name)); });
   m.def("log_level", []() { return std::string(log_level_name(pyswitch::log_level())); });
   m.def("cpu_isa", []() { return std::string(cpu_isa_name(active_cpu_isa())); });
   m.def("set_cpu_isa", [](const std::string& name) {

@@ -4,8 +4,9 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
+
+#include "pyswitch/error.hpp"
 
 namespace pyswitch {
 namespace {
@@ -22,11 +23,10 @@ LogCallback& sink() {
 // so that messages logged while a host (or `import pyswitch`) starts can be controlled too.
 int initial_level() {
   const char* env = std::getenv("PYSWITCH_LOG_LEVEL");
-  if (env != nullptr) {
-    for (LogLevel level :
-         {LogLevel::debug, LogLevel::info, LogLevel::warning, LogLevel::error, LogLevel::off}) {
-      if (std::strcmp(env, log_level_name(level)) == 0) return static_cast<int>(level);
-    }
+  try {
+    if (env != nullptr) return static_cast<int>(parse_log_level(env));
+  } catch (const InvalidArgument&) {
+    // An unknown value keeps the default: the environment must not break start-up.
   }
   return static_cast<int>(LogLevel::warning);
 }
@@ -52,6 +52,15 @@ const char* log_level_name(LogLevel level) {
       return "off";
   }
   return "unknown";
+}
+
+LogLevel parse_log_level(const std::string& name) {
+  for (LogLevel level :
+       {LogLevel::debug, LogLevel::info, LogLevel::warning, LogLevel::error, LogLevel::off}) {
+    if (name == log_level_name(level)) return level;
+  }
+  throw InvalidArgument("log level must be 'debug', 'info', 'warning', 'error' or 'off', got '" +
+                        name + "'");
 }
 
 LogCallback set_log_callback(LogCallback callback) {

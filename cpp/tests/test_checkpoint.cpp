@@ -410,4 +410,6 @@ TEST(log_callback_levels_and_reentry) {
   CHECK(static_cast<bool>(mine));
   set_log_level(LogLevel::off);
   log_message(LogLevel::error, "off drops everything");
+  CHECK(parse_log_level("info") == LogLevel::info && parse_log_level("off") == LogLevel::off);
+  CHECK(throws<InvalidArgument>([] { parse_log_level("loud"); }, "got 'loud'"));
 }

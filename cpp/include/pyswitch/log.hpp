@@ -26,6 +26,9 @@ enum class LogLevel : int { debug = 10, info = 20, warning = 30, error = 40, off
 /// "debug", "info", "warning", "error" or "off".
 const char* log_level_name(LogLevel level);
 
+/// The level named `name` (as log_level_name spells it). Throws InvalidArgument otherwise.
+LogLevel parse_log_level(const std::string& name);
+
 /// Receives one complete message (no trailing newline) at a level >= log_level().
 using LogCallback = std::function<void(LogLevel level, const std::string& message)>;
 
