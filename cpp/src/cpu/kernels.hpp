@@ -37,6 +37,15 @@ struct KernelTable {
   // probs (rows, E) = softmax with the numerics of route_rows; scratch: E + 32 floats.
   void (*softmax_rows)(const float* logits, int64_t rows, int64_t num_experts, float* probs,
                        float* scratch);
+  // Causal attention softmax, in place: row r of `scores` (row stride `stride`) has
+  // first_valid + r live scores, which become their softmax; the row is zeroed from there up
+  // to `width`. A row holding a non-finite score becomes NaN.
+  void (*causal_softmax_rows)(float* scores, int64_t rows, int64_t stride, int64_t first_valid,
+                              int64_t width);
+  // Its backward, in place on grads (dP in, dS out) over the same causal prefixes.
+  void (*causal_softmax_backward_rows)(const float* probs, int64_t probs_stride, float* grads,
+                                       int64_t grads_stride, int64_t rows, int64_t first_valid,
+                                       int64_t width);
 };
 
 namespace scalar {

@@ -1,4 +1,5 @@
-// Internal: the ISA-generic row kernels (softmax statistics, top-k, loss partial sums), written
+// Internal: the ISA-generic row kernels (router softmax statistics, top-k, loss partial sums;
+// the causal attention softmax and its backward), written
 // once against a 16-lane vector vocabulary that each kernels_<isa>.cpp defines before including
 // this file. Every ISA performs the same float operations in the same order, lane for lane, so
 // all of them produce bit-identical results (the scalar one is the oracle in the tests).
@@ -155,6 +156,69 @@ void softmax_rows_impl(const float* logits, int64_t rows, int64_t E, float* prob
     for (int64_t j = 0; j < E; ++j) {
       probs[r * E + j] = static_cast<float>(static_cast<double>(scratch[j]) * inv_sum);
     }
+  }
+}
+
+// Attention rows hold a causal prefix: row r has first_valid + r live scores; the rest of the
+// row up to `width` is zeroed so the GEMMs that follow may read it. A row with a non-finite
+// score becomes NaN (the vectorised exp would otherwise map NaN to a finite value).
+void causal_softmax_rows_impl(float* scores, int64_t rows, int64_t stride, int64_t first_valid,
+                              int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * stride;
+    const int64_t n = first_valid + r;
+    float mx;
+    if (!row_max(row, n, &mx)) {
+      for (int64_t j = 0; j < n; ++j) row[j] = __builtin_nanf("");
+    } else {
+      const V inv = set1(static_cast<float>(1.0 / row_exps(row, n, mx, row)));
+      for (int64_t c = 0; c < n; c += kLanes) {
+        const int64_t lanes = lanes_in(c, n);
+        if (lanes == kLanes) {
+          store(row + c, mul(load(row + c), inv));
+        } else {
+          store_tail(row + c, mul(load_tail(row + c, lanes, 0.0f), inv), lanes);
+        }
+      }
+    }
+    for (int64_t j = n; j < width; ++j) row[j] = 0.0f;
+  }
+}
+
+// grads <- probs * (grads - rowsum(probs * grads)) over each row's causal prefix (the softmax
+// backward), zero from the prefix up to `width`. The row sum runs in 16 float lanes and the
+// canonical tree.
+void causal_softmax_backward_rows_impl(const float* probs, int64_t probs_stride, float* grads,
+                                       int64_t grads_stride, int64_t rows, int64_t first_valid,
+                                       int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = probs + r * probs_stride;
+    float* g = grads + r * grads_stride;
+    const int64_t n = first_valid + r;
+    V acc = set1(0.0f);
+    for (int64_t c = 0; c < n; c += kLanes) {
+      const int64_t lanes = lanes_in(c, n);
+      const V pv = lanes == kLanes ? load(p + c) : load_tail(p + c, lanes, 0.0f);
+      const V gv = lanes == kLanes ? load(g + c) : load_tail(g + c, lanes, 0.0f);
+      acc = fma(pv, gv, acc);
+    }
+    float lanes_out[kLanes];
+    store(lanes_out, acc);
+    float level[8];
+    for (int i = 0; i < 8; ++i) level[i] = lanes_out[i] + lanes_out[i + 8];
+    for (int i = 0; i < 4; ++i) level[i] = level[i] + level[i + 4];
+    for (int i = 0; i < 2; ++i) level[i] = level[i] + level[i + 2];
+    const V dot = set1(level[0] + level[1]);
+    for (int64_t c = 0; c < n; c += kLanes) {
+      const int64_t lanes = lanes_in(c, n);
+      if (lanes == kLanes) {
+        store(g + c, mul(load(p + c), sub(load(g + c), dot)));
+      } else {
+        const V pv = load_tail(p + c, lanes, 0.0f), gv = load_tail(g + c, lanes, 0.0f);
+        store_tail(g + c, mul(pv, sub(gv, dot)), lanes);
+      }
+    }
+    for (int64_t j = n; j < width; ++j) g[j] = 0.0f;
   }
 }
 

@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 
+#include "cpu/kernels.hpp"
 #include "gemm.hpp"
 #include "parallel.hpp"
 #include "pyswitch/error.hpp"
@@ -145,6 +146,7 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_
                        float* probs) {
   const int64_t width = 3 * H * Dh, out_width = H * Dh;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+  const cpu::KernelTable& kernels = cpu::active_kernels();
   detail::parallel_for(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* q = qkv + b * S * width + h * Dh;
@@ -156,19 +158,7 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_
       const int64_t i1 = std::min(S, i0 + kQueryBlock);
       detail::gemm_serial(DType::float32, false, true, i1 - i0, i1, Dh, scale, q + i0 * width,
                           width, k, width, 0.0f, p + i0 * S, S);
-      for (int64_t i = i0; i < i1; ++i) {
-        float* row = p + i * S;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-        float sum = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          row[j] = std::exp(row[j] - mx);
-          sum += row[j];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-        std::fill(row + i + 1, row + S, 0.0f);
-      }
+      kernels.causal_softmax_rows(p + i0 * S, i1 - i0, S, i0 + 1, S);
       detail::gemm_serial(DType::float32, false, false, i1 - i0, Dh, i1, 1.0f, p + i0 * S, S, v,
                           width, 0.0f, o + i0 * out_width, out_width);
     }
@@ -179,6 +169,7 @@ void attention_backward(const float* d_out, const float* qkv, const float* probs
                         int64_t S, int64_t H, int64_t Dh, float* d_qkv) {
   const int64_t width = 3 * H * Dh, out_width = H * Dh;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+  const cpu::KernelTable& kernels = cpu::active_kernels();
   detail::parallel_for(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* q = qkv + b * S * width + h * Dh;
@@ -201,14 +192,7 @@ void attention_backward(const float* d_out, const float* qkv, const float* probs
       // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)), over the keys [0, i1).
       detail::gemm_serial(DType::float32, false, true, n, i1, Dh, 1.0f, g + i0 * out_width,
                           out_width, v, width, 0.0f, ds.data(), S);
-      for (int64_t i = i0; i < i1; ++i) {
-        float* row = ds.data() + (i - i0) * S;
-        const float* prow = p + i * S;
-        float dot = 0;
-        for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];
-        for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
-        std::fill(row + i + 1, row + i1, 0.0f);
-      }
+      kernels.causal_softmax_backward_rows(p + i0 * S, S, ds.data(), S, n, i0 + 1, i1);
       detail::gemm_serial(DType::float32, true, false, i1, Dh, n, 1.0f, p + i0 * S, S,
                           g + i0 * out_width, out_width, 1.0f, dv, width);
       detail::gemm_serial(DType::float32, false, false, n, Dh, i1, scale, ds.data(), S, k, width,
