@@ -10,8 +10,8 @@
 
 #include "cpu/kernels.hpp"
 #include "harness.hpp"
-#include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/bf16.hpp"
+#include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/nn/ops.hpp"
 #include "pyswitch/threading.hpp"
@@ -280,8 +280,8 @@ TEST(nn_attention_softmax_kernels_match_reference_and_every_isa) {
   CHECK(worst_g <= 1e-5);
   // A non-finite score makes its row NaN on every ISA, never a plausible distribution.
   for (CpuIsa isa : supported_cpu_isas()) {
-    for (float bad : {std::numeric_limits<float>::quiet_NaN(),
-                      std::numeric_limits<float>::infinity()}) {
+    for (float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
       std::vector<float> row(40, 0.5f);
       row[33] = bad;
       cpu::kernels_for(isa).causal_softmax_rows(row.data(), 1, 40, 37, 40);
