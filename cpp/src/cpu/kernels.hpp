@@ -48,6 +48,18 @@ struct KernelTable {
                                        int64_t width);
 };
 
+// Each kernels_<isa>.cpp defines kernels of these names (route_rows.inl supplies the row
+// kernels) and builds its table with this, so the tables cannot list them in different orders.
+#define PYSWITCH_KERNEL_TABLE(isa) \
+  {isa,                            \
+   f32_to_bf16,                    \
+   bf16_to_f32,                    \
+   route_rows_impl,                \
+   philox_uniform,                 \
+   softmax_rows_impl,              \
+   causal_softmax_rows_impl,       \
+   causal_softmax_backward_rows_impl}
+
 namespace scalar {
 extern const KernelTable table;
 }

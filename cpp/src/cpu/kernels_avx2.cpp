@@ -207,13 +207,6 @@ constexpr int kPhiloxLanes = 8;
 
 #include "cpu/philox_uniform.inl"
 
-const KernelTable table = {CpuIsa::avx2,
-                           f32_to_bf16,
-                           bf16_to_f32,
-                           route_rows_impl,
-                           philox_uniform,
-                           softmax_rows_impl,
-                           causal_softmax_rows_impl,
-                           causal_softmax_backward_rows_impl};
+const KernelTable table = PYSWITCH_KERNEL_TABLE(CpuIsa::avx2);
 
 }  // namespace pyswitch::cpu::avx2

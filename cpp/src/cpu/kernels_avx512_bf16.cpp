@@ -181,13 +181,6 @@ constexpr int kPhiloxLanes = 16;
 
 #include "cpu/philox_uniform.inl"
 
-const KernelTable table = {CpuIsa::avx512_bf16,
-                           f32_to_bf16,
-                           bf16_to_f32,
-                           route_rows_impl,
-                           philox_uniform,
-                           softmax_rows_impl,
-                           causal_softmax_rows_impl,
-                           causal_softmax_backward_rows_impl};
+const KernelTable table = PYSWITCH_KERNEL_TABLE(CpuIsa::avx512_bf16);
 
 }  // namespace pyswitch::cpu::avx512_bf16

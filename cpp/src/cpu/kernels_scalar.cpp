@@ -134,13 +134,6 @@ void philox_uniform(uint64_t seed, uint64_t stream, uint64_t first, int64_t coun
 
 }  // namespace
 
-const KernelTable table = {CpuIsa::scalar,
-                           f32_to_bf16,
-                           bf16_to_f32,
-                           route_rows_impl,
-                           philox_uniform,
-                           softmax_rows_impl,
-                           causal_softmax_rows_impl,
-                           causal_softmax_backward_rows_impl};
+const KernelTable table = PYSWITCH_KERNEL_TABLE(CpuIsa::scalar);
 
 }  // namespace pyswitch::cpu::scalar
