@@ -31,7 +31,9 @@ void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double 
 
 /// Causal self-attention over a fused qkv buffer (B * S, 3 * H * Dh): out (B * S, H * Dh) =
 /// concat over heads of softmax(q k^T / sqrt(Dh) + causal mask) v. probs (B, H, S, S) is written
-/// for the backward (upper triangle zero).
+/// for the backward (upper triangle zero). float32 throughout; the softmax is the active ISA's
+/// vectorised kernel, bit-identical on every ISA. A query row whose scores hold a NaN or an
+/// infinity gets NaN probabilities.
 void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, float* out,
                        float* probs);
 
