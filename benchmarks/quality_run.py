@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             print(f"{run_dir}: {time.monotonic() - t0:.0f} s")
         runs.append(str(run_dir))
     result = compare_runs(runs, out / "compare.png")
-    print(result["table"])
+    print(Path(result["table"]).read_text(encoding="utf-8"))
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0
 

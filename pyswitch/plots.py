@@ -405,7 +405,9 @@ def compare_runs(run_dirs, out_png: str | os.PathLike) -> dict:
 
 def _table(results: list[dict], dense_dir: Path, target: float, dense_step) -> str:
     def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+        # A missing value keeps the column's width and alignment.
+        width = spec.split(".")[0].rstrip("f")
+        return format("-", width) if value is None else format(value, spec)
 
     lines = [
         f"dense run: {dense_dir}  final validation loss {target:.4f} at step {dense_step}",

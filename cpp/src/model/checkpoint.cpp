@@ -380,13 +380,18 @@ CheckpointInfo load_checkpoint(SwitchLM& model, const std::string& checkpoint_di
     int64_t count = 1;
     for (int64_t n : p.shape) count *= n;
     const char* src = payload + t.begin;
+    // safetensors is little-endian; assembling the bytes reads it right on any host (and
+    // compiles to plain loads on a little-endian one).
+    const auto byte = [src](int64_t at) { return uint32_t(uint8_t(src[at])); };
     if (t.dtype == "F32") {
-      std::memcpy(p.data, src, size_t(count) * sizeof(float));
+      for (int64_t i = 0; i < count; ++i) {
+        const uint32_t bits =
+            byte(4 * i) | byte(4 * i + 1) << 8 | byte(4 * i + 2) << 16 | byte(4 * i + 3) << 24;
+        std::memcpy(p.data + i, &bits, sizeof bits);
+      }
     } else if (t.dtype == "BF16") {
       for (int64_t i = 0; i < count; ++i) {
-        uint16_t bits;
-        std::memcpy(&bits, src + 2 * i, 2);
-        p.data[i] = bf16_to_float(bf16{bits});
+        p.data[i] = bf16_to_float(bf16{uint16_t(byte(2 * i) | byte(2 * i + 1) << 8)});
       }
     } else {
       damaged(file, "tensor '" + p.name + "' is " + t.dtype + "; parameters are F32 or BF16");
