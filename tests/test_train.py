@@ -11,7 +11,8 @@ With dropless routing and no aux loss the forward of every token is the same, so
 sums its own rows, then the ranks' sums are added): within ``STEP1_RTOL`` = 1e-13, far below
 the ~1e-7 any float32 difference in the forward would show. Later steps differ by the float32
 order in which the replicated gradients are summed over ranks too: within ``RANKS_RTOL`` = 1e-6
-relative (observed ~3e-9 after 8 steps). With the default options the curves agree within 1e-2 (observed ~7e-4).
+relative (observed ~3e-9 after 8 steps). With the default options the curves agree within 1e-2
+(observed ~7e-4).
 """
 
 import dataclasses
