@@ -36,9 +36,10 @@ inline V exp_nonpositive(V x) {
   return select_lt(x, lowest, set1(0.0f), ldexp_int(p, n));
 }
 
-// The canonical reduction of 16 double lanes: a fixed pairwise tree, identical on every ISA.
-inline double reduce_lanes(const double lanes[kLanes]) {
-  double level[8];
+// The canonical reduction of 16 lanes: a fixed pairwise tree, identical on every ISA.
+template <typename T>
+inline T reduce_lanes(const T lanes[kLanes]) {
+  T level[8];
   for (int i = 0; i < 8; ++i) level[i] = lanes[i] + lanes[i + 8];
   for (int i = 0; i < 4; ++i) level[i] = level[i] + level[i + 4];
   for (int i = 0; i < 2; ++i) level[i] = level[i] + level[i + 2];
@@ -204,11 +205,7 @@ void causal_softmax_backward_rows_impl(const float* probs, int64_t probs_stride,
     }
     float lanes_out[kLanes];
     store(lanes_out, acc);
-    float level[8];
-    for (int i = 0; i < 8; ++i) level[i] = lanes_out[i] + lanes_out[i + 8];
-    for (int i = 0; i < 4; ++i) level[i] = level[i] + level[i + 4];
-    for (int i = 0; i < 2; ++i) level[i] = level[i] + level[i + 2];
-    const V dot = set1(level[0] + level[1]);
+    const V dot = set1(reduce_lanes(lanes_out));
     for (int64_t c = 0; c < n; c += kLanes) {
       const int64_t lanes = lanes_in(c, n);
       if (lanes == kLanes) {
