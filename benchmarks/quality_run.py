@@ -22,6 +22,7 @@ values finds them done and only compares.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -64,37 +65,57 @@ def main(argv=None) -> int:
         if experts and args.expert_every != 2:
             name += f"-every{args.expert_every}"
         run_dir = out / name
+        config = SwitchLMConfig(
+            d_model=args.d_model,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            d_ff=args.d_ff,
+            num_experts=experts,
+            expert_every=args.expert_every,
+        )
+        options = TrainOptions(
+            steps=args.steps,
+            minutes=None,
+            out=str(run_dir),
+            eval_every=args.eval_every,
+            ckpt_every=args.steps,
+            progress=False,
+            decay=args.decay,
+            batch_size=args.batch_size,
+            lr=args.lr,
+        )
         if (run_dir / "summary.json").exists():
+            _check_same_run(run_dir, config, options)
             print(f"{run_dir}: done already, kept")
         else:
             t0 = time.monotonic()
-            train(
-                SwitchLMConfig(
-                    d_model=args.d_model,
-                    num_layers=args.layers,
-                    num_heads=args.heads,
-                    d_ff=args.d_ff,
-                    num_experts=experts,
-                    expert_every=args.expert_every,
-                ),
-                TrainOptions(
-                    steps=args.steps,
-                    minutes=None,
-                    out=str(run_dir),
-                    eval_every=args.eval_every,
-                    ckpt_every=args.steps,
-                    progress=False,
-                    decay=args.decay,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
-                ),
-            )
+            train(config, options)
             print(f"{run_dir}: {time.monotonic() - t0:.0f} s")
         runs.append(str(run_dir))
     result = compare_runs(runs, out / "compare.png")
     print(Path(result["table"]).read_text(encoding="utf-8"))
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0
+
+
+def _check_same_run(run_dir: Path, config, options) -> None:
+    """A finished run is reused only when it was made with the settings asked for now."""
+    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    wanted = {"model": config.to_dict(), "train": dataclasses.asdict(options)}
+    for part in ("model", "train"):
+        differ = sorted(
+            key
+            for key, value in wanted[part].items()
+            if key not in ("out", "progress") and saved.get(part, {}).get(key) != value
+        )
+        if differ:
+            raise SystemExit(
+                f"quality_run: {run_dir} is a finished run with other settings ({part}: "
+                + ", ".join(
+                    f"{k}={saved.get(part, {}).get(k)!r}, not {wanted[part][k]!r}" for k in differ
+                )
+                + "); pass another --out or delete it"
+            )
 
 
 if __name__ == "__main__":
