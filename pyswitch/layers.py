@@ -16,19 +16,26 @@ _ACTIVATIONS = ("relu", "gelu", "geglu")
 _DTYPES = ("float32", "bfloat16")
 
 
-def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` on the core's GEMM library (oneDNN) with the whole thread pool.
+def matmul(a: np.ndarray, b: np.ndarray, *, library: str = "pyswitch") -> np.ndarray:
+    """``a @ b`` with the whole thread pool.
+
+    With ``library="pyswitch"`` (default) this is the core's own GEMM kernel, the one every
+    layer uses: element ``(m, n)`` is the float32 FMA chain over ``k = 0..K-1`` from +0, so row
+    ``m`` depends only on ``a[m]`` and ``b``, bit for bit, whatever ``M``, the thread count or
+    the CPU tier. ``library="onednn"`` runs the same product on oneDNN, the comparison baseline
+    (its last bits may vary with threads and CPU; bfloat16 needs AVX-512 there).
 
     Parameters
     ----------
     a : ndarray (M, K), float32 or bfloat16
     b : ndarray (K, N), same dtype as ``a``
+    library : {"pyswitch", "onednn"}
 
     Returns
     -------
     ndarray of float32, shape (M, N); bfloat16 operands accumulate in float32.
     """
-    return _core.matmul(a, b)
+    return _core.matmul(a, b, library=library)
 
 
 class SwitchFFN:

@@ -758,7 +758,11 @@ PYBIND11_MODULE(_core, m) {
   // ---- layers ------------------------------------------------------------------------------
   m.def(
       "matmul",
-      [](py::handle a_obj, py::handle b_obj) {
+      [](py::handle a_obj, py::handle b_obj, const std::string& library) {
+        if (library != "pyswitch" && library != "onednn") {
+          throw InvalidArgument(detail::concat(
+              "matmul: library must be 'pyswitch' or 'onednn', got '", library, "'"));
+        }
         py::array a = as_contiguous("matmul", "a", a_obj);
         py::array b = as_contiguous("matmul", "b", b_obj);
         const DType dtype = activation_dtype("matmul", "a", a);
@@ -778,10 +782,14 @@ PYBIND11_MODULE(_core, m) {
         const void* b_data = b.data();
         float* c_data = c.mutable_data();
         py::gil_scoped_release release;
-        pyswitch::matmul(dtype, M, N, K, a_data, b_data, c_data);
+        if (library == "onednn") {
+          pyswitch::matmul_onednn(dtype, M, N, K, a_data, b_data, c_data);
+        } else {
+          pyswitch::matmul(dtype, M, N, K, a_data, b_data, c_data);
+        }
         return c;
       },
-      py::arg("a"), py::arg("b"));
+      py::arg("a"), py::arg("b"), py::arg("library") = "pyswitch");
 
   py::class_<moe::SwitchStats>(m, "SwitchStats")
       .def_readonly("drop_fraction", &moe::SwitchStats::drop_fraction)

@@ -23,6 +23,28 @@ struct RouteRowsArgs {
   int64_t first_bad_row = -1;       // set to the first row holding a non-finite logit
 };
 
+// One GEMM operand as stored: op(A) is (M, K), op(B) is (K, N). Element (i, j) of op(X) is
+// data[i * ld + j], or data[j * ld + i] when trans. float32, or bfloat16 bits when bf16.
+struct GemmOperand {
+  const void* data = nullptr;
+  int64_t ld = 0;
+  bool trans = false;
+  bool bf16 = false;
+};
+
+// One tile of C = alpha * op(A) op(B) + beta * C over the whole K: rows [m0, m0 + rows) and
+// columns [n0, n0 + cols) of C; `c` points at the tile's (m0, n0) element. Every element is the
+// chain documented in gemm_tile.inl, identical on every ISA and for any tiling.
+struct GemmTileArgs {
+  GemmOperand a, b;
+  int64_t K = 0;
+  int64_t m0 = 0, rows = 0, n0 = 0, cols = 0;
+  float alpha = 1.0f;
+  bool beta_one = false;
+  float* c = nullptr;
+  int64_t ldc = 0;
+};
+
 struct KernelTable {
   CpuIsa isa;
   void (*f32_to_bf16)(const float* src, uint16_t* dst, int64_t n);
@@ -46,19 +68,23 @@ struct KernelTable {
   void (*causal_softmax_backward_rows)(const float* probs, int64_t probs_stride, float* grads,
                                        int64_t grads_stride, int64_t rows, int64_t first_valid,
                                        int64_t width);
+  // One GEMM tile (gemm.cpp splits C into tiles and runs them on the pool). Uses thread-local
+  // packing buffers.
+  void (*gemm_tile)(const GemmTileArgs& tile);
 };
 
 // Each kernels_<isa>.cpp defines kernels of these names (route_rows.inl supplies the row
 // kernels) and builds its table with this, so the tables cannot list them in different orders.
-#define PYSWITCH_KERNEL_TABLE(isa) \
-  {isa,                            \
-   f32_to_bf16,                    \
-   bf16_to_f32,                    \
-   route_rows_impl,                \
-   philox_uniform,                 \
-   softmax_rows_impl,              \
-   causal_softmax_rows_impl,       \
-   causal_softmax_backward_rows_impl}
+#define PYSWITCH_KERNEL_TABLE(isa)    \
+  {isa,                               \
+   f32_to_bf16,                       \
+   bf16_to_f32,                       \
+   route_rows_impl,                   \
+   philox_uniform,                    \
+   softmax_rows_impl,                 \
+   causal_softmax_rows_impl,          \
+   causal_softmax_backward_rows_impl, \
+   gemm_tile_impl}
 
 namespace scalar {
 extern const KernelTable table;

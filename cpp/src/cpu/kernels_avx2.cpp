@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/kernels.hpp"
 
@@ -136,6 +137,14 @@ inline void daccumulate_scaled(double* dst, V x, double s, int64_t n) {
 }  // namespace
 
 #include "cpu/route_rows.inl"
+
+namespace {
+// GEMM register block: 6 rows x 16 columns = 12 ymm accumulators, 2 for B, 1 broadcast.
+constexpr int kGemmRows = 6;
+constexpr int kGemmVectors = 1;
+}  // namespace
+
+#include "cpu/gemm_tile.inl"
 
 namespace {
 

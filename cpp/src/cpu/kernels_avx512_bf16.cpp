@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/kernels.hpp"
 
@@ -102,6 +103,14 @@ inline void daccumulate_scaled(double* dst, V a, double s, int64_t n) {
 }  // namespace
 
 #include "cpu/route_rows.inl"
+
+namespace {
+// GEMM register block: 12 rows x 32 columns = 24 zmm accumulators, 2 for B, 1 broadcast.
+constexpr int kGemmRows = 12;
+constexpr int kGemmVectors = 2;
+}  // namespace
+
+#include "cpu/gemm_tile.inl"
 
 namespace {
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu/kernels.hpp"
 #include "pyswitch/bf16.hpp"
@@ -112,6 +113,14 @@ inline void daccumulate_scaled(double* dst, V a, double s, int64_t n) {
 }  // namespace
 
 #include "cpu/route_rows.inl"
+
+namespace {
+// GEMM register block: 4 rows x 16 columns (the reference; speed is not its job).
+constexpr int kGemmRows = 4;
+constexpr int kGemmVectors = 1;
+}  // namespace
+
+#include "cpu/gemm_tile.inl"
 
 namespace {
 
