@@ -224,6 +224,34 @@ def cpu_busy_fraction(interval: float = 0.5) -> float | None:
     return None if total <= 0 else max(0.0, min(1.0, 1.0 - (i1 - i0) / total))
 
 
+def cpu_tier(ps=None) -> dict:
+    """The CPU tier a run measures: pyswitch's active kernels and the caps set on each library.
+
+    ``label`` is what the tables print, e.g. ``"avx2 (capped: PYSWITCH_CPU_ISA=avx2,
+    ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)"`` or ``"avx2 (native)"``.
+    """
+    caps = {
+        name: os.environ[name]
+        for name in ("PYSWITCH_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if os.environ.get(name)
+    }
+    active = None
+    if ps is not None:
+        try:
+            active = ps.cpu_isa()
+        except Exception:
+            active = None
+    best = None
+    if ps is not None:
+        try:
+            best = list(ps.supported_isas())[-1]
+        except Exception:
+            best = None
+    capped = ", ".join(f"{k}={v}" for k, v in caps.items())
+    label = f"{active or '?'} ({'capped: ' + capped if caps else 'native'})"
+    return {"pyswitch_active": active, "pyswitch_best": best, "caps": caps, "label": label}
+
+
 def machine_info() -> dict:
     """Describe the machine and the software under test (for the JSON output and the header)."""
     info: dict[str, Any] = {
@@ -263,6 +291,7 @@ def machine_info() -> dict:
     else:
         info["torch"] = None
     ps = try_import_pyswitch()
+    info["tier"] = cpu_tier(ps)
     if ps is not None:
         try:
             info["pyswitch"] = dict(ps.build_info())
@@ -282,6 +311,9 @@ def format_machine(info: dict) -> str:
         f"({info.get('numpy_blas', '?')})"
         f"  ml_dtypes {info.get('ml_dtypes')}  torch {info.get('torch') or 'not installed'}",
     ]
+    tier = info.get("tier") or {}
+    if tier:
+        lines.append(f"tier     : {tier.get('label')}")
     busy = info.get("cpu_busy_before_run")
     if busy is not None and busy > BUSY_WARN:
         lines.append(

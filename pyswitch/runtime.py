@@ -13,8 +13,10 @@ def build_info() -> dict:
     dict
         ``version``; ``compiled_isas`` and ``supported_isas`` (kernel sets compiled in / runnable
         on this CPU, among ``"scalar"``, ``"avx2"``, ``"avx512_bf16"``); ``active_isa``;
-        ``blas`` (the GEMM library); ``mpi`` (bool: the MPI backend is built and its MPI
-        library loads) and ``mpi_library`` (that library's version, or why it is unavailable);
+        ``blas`` (what runs the GEMMs); ``gemm`` (dict: the path float32 and bfloat16 GEMMs
+        take on the active ISA; bfloat16 needs no native bf16 support); ``mpi`` (bool: the MPI
+        backend is built and its MPI library loads) and ``mpi_library`` (that library's
+        version, or why it is unavailable);
         ``cuda`` (bool); ``num_threads``; ``compiler``.
     """
     info = dict(_core.build_info())

@@ -359,6 +359,10 @@ PYBIND11_MODULE(_core, m) {
     d["supported_isas"] = supported;
     d["active_isa"] = cpu_isa_name(active_cpu_isa());
     d["blas"] = info.blas;
+    py::dict gemm;
+    gemm["float32"] = info.gemm_float32;
+    gemm["bfloat16"] = info.gemm_bfloat16;
+    d["gemm"] = gemm;
     d["mpi"] = info.mpi;
     d["cuda"] = info.cuda;
     d["checkpoint_hashes"] = info.checkpoint_hashes;

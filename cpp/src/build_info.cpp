@@ -3,12 +3,17 @@
 
 #include <string>
 
+#include "gemm.hpp"
+
 namespace pyswitch {
 
 BuildInfo build_info() {
   BuildInfo info;
   info.version = PYSWITCH_VERSION;
-  info.blas = std::string("oneDNN ") + PYSWITCH_DNNL_VERSION + " (OpenMP)";
+  info.blas = std::string("pyswitch GEMM kernel (per-ISA; oneDNN ") + PYSWITCH_DNNL_VERSION +
+              " (OpenMP) for comparison)";
+  info.gemm_float32 = detail::gemm_path(DType::float32);
+  info.gemm_bfloat16 = detail::gemm_path(DType::bfloat16);
 #ifdef PYSWITCH_HAVE_MPI
   info.mpi = true;
 #endif

@@ -10,6 +10,7 @@
 
 #include "cpu/kernels.hpp"
 #include "parallel.hpp"
+#include "pyswitch/cpu_isa.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/matmul.hpp"
 
@@ -117,6 +118,14 @@ void gemm_serial(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, 
             [](int64_t tiles, auto&& body) {
               for (int64_t t = 0; t < tiles; ++t) body(t);
             });
+}
+
+std::string gemm_path(DType dtype) {
+  const CpuIsa isa = active_cpu_isa();
+  const char* block = isa == CpuIsa::avx512_bf16 ? "12x32" : isa == CpuIsa::avx2 ? "6x16" : "4x32";
+  return concat("pyswitch ", cpu_isa_name(isa), " kernel, ", block, " register block: ",
+                dtype == DType::bfloat16 ? "bf16 operands widened exactly to float32, " : "",
+                "float32 FMA chain over k");
 }
 
 void gemm_onednn_threaded(DType dtype, int64_t M, int64_t N, int64_t K, const void* A,

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/tensor.hpp"
@@ -32,6 +33,9 @@ inline void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, f
                   int64_t ldc) {
   gemm(DType::float32, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+// Which path a GEMM of this dtype takes on the active ISA, in words (for build_info).
+std::string gemm_path(DType dtype);
 
 // Plain (M, K) @ (K, N) with oneDNN's own threading over the whole pool: the comparison for
 // the benchmarks. Its results may depend on the thread count and on the CPU's oneDNN kernels;
