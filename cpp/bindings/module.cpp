@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <optional>
@@ -90,7 +91,21 @@ py::array view_of(std::vector<int64_t> shape, const T* data, py::handle owner, b
   return out;
 }
 
-// Owns the Router and serialises calls from Python threads (the GIL is released inside).
+// Lock order: a pyswitch mutex is never held while waiting for the GIL. A thread in compute
+// holds its object's mutex without the GIL and needs the GIL back before it can return to
+// Python; if another thread blocked on that mutex while holding the GIL, each would wait for
+// the other forever. So every locked region goes through this one helper: release the GIL,
+// then lock; on the way out (return or throw) unlock, then re-take the GIL. `fn` runs without
+// the GIL, so it touches no Python object: it works on C++ values and pointers taken before,
+// and what it returns (by value, copied under the lock) becomes Python objects only after.
+template <typename Fn>
+auto locked_without_gil(std::mutex& mutex, Fn&& fn) {
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> lock(mutex);
+  return fn();
+}
+
+// Owns the Router and serialises calls from Python threads (through locked_without_gil).
 struct PyRouter {
   PyRouter(int64_t d_model, int64_t num_experts, const moe::RouterOptions& options)
       : router(d_model, num_experts, options) {}
@@ -128,6 +143,16 @@ DType activation_dtype(const char* where, const char* name, const py::array& a) 
 py::array new_activation(DType dtype, std::vector<py::ssize_t> shape) {
   return dtype == DType::float32 ? py::array(py::dtype::of<float>(), shape)
                                  : py::array(bfloat16_dtype(), shape);
+}
+
+// An activation array that takes over `data` without a copy: for outputs whose dtype or size
+// is only known under a lock, where no NumPy array can be made.
+py::array adopt_activation(DType dtype, std::vector<py::ssize_t> shape,
+                           std::unique_ptr<char[]> data) {
+  py::capsule owner(data.get(), [](void* p) { delete[] static_cast<char*>(p); });
+  char* raw = data.release();  // the capsule frees it from here on
+  return py::array(dtype == DType::float32 ? py::dtype::of<float>() : bfloat16_dtype(), shape, {},
+                   raw, owner);
 }
 
 // Shape of a dispatch buffer: (E, G*C, d) for the padded layout, (rows, d) for the packed one.
@@ -173,7 +198,7 @@ void check_gate(const char* where, const py::array& gate, const moe::DispatchLay
   }
 }
 
-// Owns a layer and serialises calls from Python threads (the GIL is released inside).
+// Owns a layer and serialises calls from Python threads (through locked_without_gil).
 template <typename Layer>
 struct Locked {
   template <typename... Args>
@@ -223,9 +248,7 @@ py::array layer_forward(const char* where, Wrapper& w, py::handle x_obj, bool tr
   const void* in = x.data();
   void* out = y.mutable_data();
   const int64_t T = x.shape(0);
-  py::gil_scoped_release release;
-  std::lock_guard<std::mutex> lock(w.mutex);
-  w.layer.forward(in, dtype, T, training, out);
+  locked_without_gil(w.mutex, [&] { w.layer.forward(in, dtype, T, training, out); });
   return y;
 }
 
@@ -233,27 +256,28 @@ template <typename Wrapper>
 py::array layer_backward(const char* where, Wrapper& w, py::handle dy_obj) {
   py::array dy = as_contiguous(where, "dy", dy_obj);
   const DType dtype = activation_dtype(where, "dy", dy);
-  std::lock_guard<std::mutex> lock(w.mutex);
-  PYSWITCH_CHECK_STATE(w.layer.has_forward(), where,
-                       ": no forward pass to differentiate; call forward(x) first");
-  if (dtype != w.layer.forward_dtype()) {
-    throw TypeMismatch(detail::concat(where, ": dy must have the dtype of the forward's x (",
-                                      dtype_name(w.layer.forward_dtype()), "), got ",
-                                      dtype_of(dy)));
-  }
-  if (dy.ndim() != 2 || dy.shape(0) != w.layer.forward_tokens() ||
-      dy.shape(1) != w.layer.d_model()) {
-    throw InvalidArgument(detail::concat(where, ": dy must have shape (", w.layer.forward_tokens(),
-                                         ", ", w.layer.d_model(),
-                                         ") like the forward's output, got ", shape_of(dy)));
-  }
-  py::array dx = new_activation(dtype, {dy.shape(0), dy.shape(1)});
+  // dx is made from dy's shape before the lock; the checks against the forward run under it,
+  // with the messages' Python parts taken here.
+  const std::string dy_dtype = dtype_of(dy), dy_shape = shape_of(dy);
+  const bool is_2d = dy.ndim() == 2;
+  py::array dx = is_2d ? new_activation(dtype, {dy.shape(0), dy.shape(1)}) : py::array();
+  const int64_t rows = is_2d ? dy.shape(0) : -1, cols = is_2d ? dy.shape(1) : -1;
   const void* in = dy.data();
-  void* out = dx.mutable_data();
-  {
-    py::gil_scoped_release release;
+  void* out = is_2d ? dx.mutable_data() : nullptr;
+  locked_without_gil(w.mutex, [&] {
+    PYSWITCH_CHECK_STATE(w.layer.has_forward(), where,
+                         ": no forward pass to differentiate; call forward(x) first");
+    if (dtype != w.layer.forward_dtype()) {
+      throw TypeMismatch(detail::concat(where, ": dy must have the dtype of the forward's x (",
+                                        dtype_name(w.layer.forward_dtype()), "), got ", dy_dtype));
+    }
+    if (!is_2d || rows != w.layer.forward_tokens() || cols != w.layer.d_model()) {
+      throw InvalidArgument(detail::concat(where, ": dy must have shape (",
+                                           w.layer.forward_tokens(), ", ", w.layer.d_model(),
+                                           ") like the forward's output, got ", dy_shape));
+    }
     w.layer.backward(in, out);
-  }
+  });
   return dx;
 }
 
@@ -586,10 +610,11 @@ PYBIND11_MODULE(_core, m) {
                              })
       .def_property_readonly("last_logits",
                              [](PyRouter& r) {
-                               std::lock_guard<std::mutex> lock(r.mutex);
-                               PYSWITCH_CHECK_STATE(r.router.has_forward(),
-                                                    "Router.last_logits: no forward pass yet");
-                               const auto& logits = r.router.last_logits();
+                               const std::vector<float> logits = locked_without_gil(r.mutex, [&] {
+                                 PYSWITCH_CHECK_STATE(r.router.has_forward(),
+                                                      "Router.last_logits: no forward pass yet");
+                                 return r.router.last_logits();
+                               });
                                const int64_t E = r.router.num_experts();
                                py::array_t<float> out({static_cast<int64_t>(logits.size()) / E, E});
                                std::copy(logits.begin(), logits.end(), out.mutable_data());
@@ -615,39 +640,43 @@ PYBIND11_MODULE(_core, m) {
             }
             const void* data = x.data();
             const int64_t T = x.shape(0);
-            py::gil_scoped_release release;
-            std::lock_guard<std::mutex> lock(r.mutex);
-            return r.router.forward(data, dtype, T,
-                                    training);  // copied out: the router reuses its plan
+            // Returned by value: copied under the lock, as the router reuses its plan.
+            return locked_without_gil(r.mutex,
+                                      [&] { return r.router.forward(data, dtype, T, training); });
           },
           py::arg("x"), py::arg("training"))
       .def(
           "backward",
           [](PyRouter& r, py::handle d_gate_obj, double aux_coef, double z_coef) {
             py::array d_gate = float32_array("Router.backward", "d_gate", d_gate_obj);
-            std::lock_guard<std::mutex> lock(r.mutex);
-            PYSWITCH_CHECK_STATE(r.router.has_forward(),
-                                 "Router.backward: no forward pass to differentiate; call "
-                                 "forward(x) first");
-            const moe::RoutingPlan& plan_ref = r.router.forward_plan();
-            if (d_gate.ndim() != 2 || d_gate.shape(0) != plan_ref.num_tokens ||
-                d_gate.shape(1) != plan_ref.k) {
-              throw InvalidArgument(detail::concat("Router.backward: d_gate must have shape (",
-                                                   plan_ref.num_tokens, ", ", plan_ref.k,
-                                                   ") like plan.gate, got ", shape_of(d_gate)));
-            }
-            const bool bf16_x = r.router.forward_dtype() == DType::bfloat16;
-            std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(plan_ref.num_tokens),
-                                           static_cast<py::ssize_t>(r.router.d_model())};
-            py::array dx = bf16_x ? py::array(bfloat16_dtype(), shape)
-                                  : py::array(py::dtype::of<float>(), shape);
+            const std::string d_gate_shape = shape_of(d_gate);
+            const bool is_2d = d_gate.ndim() == 2;
+            const int64_t rows = is_2d ? d_gate.shape(0) : -1, cols = is_2d ? d_gate.shape(1) : -1;
             const float* dg = static_cast<const float*>(d_gate.data());
-            void* out = dx.mutable_data();
-            {
-              py::gil_scoped_release release;
-              r.router.backward(dg, aux_coef, z_coef, out);
-            }
-            return dx;
+            const int64_t d = r.router.d_model();
+            // dx's dtype and rows are the forward's, known only under the lock: it is written
+            // into a plain buffer there and becomes an array (no copy) after.
+            DType dx_dtype = DType::float32;
+            int64_t T = 0;
+            std::unique_ptr<char[]> dx;
+            locked_without_gil(r.mutex, [&] {
+              PYSWITCH_CHECK_STATE(r.router.has_forward(),
+                                   "Router.backward: no forward pass to differentiate; call "
+                                   "forward(x) first");
+              const moe::RoutingPlan& plan_ref = r.router.forward_plan();
+              if (!is_2d || rows != plan_ref.num_tokens || cols != plan_ref.k) {
+                throw InvalidArgument(detail::concat("Router.backward: d_gate must have shape (",
+                                                     plan_ref.num_tokens, ", ", plan_ref.k,
+                                                     ") like plan.gate, got ", d_gate_shape));
+              }
+              dx_dtype = r.router.forward_dtype();
+              T = plan_ref.num_tokens;
+              dx.reset(new char[static_cast<size_t>(T * d * dtype_size(dx_dtype))]);
+              r.router.backward(dg, aux_coef, z_coef, dx.get());
+            });
+            return adopt_activation(dx_dtype,
+                                    {static_cast<py::ssize_t>(T), static_cast<py::ssize_t>(d)},
+                                    std::move(dx));
           },
           py::arg("d_gate"), py::arg("aux_loss_coef"), py::arg("z_loss_coef"));
 
@@ -856,27 +885,34 @@ PYBIND11_MODULE(_core, m) {
                           py::handle dy) { return layer_backward("SwitchFFN.backward", w, dy); })
       .def_property_readonly("aux_loss",
                              [](PySwitchFFN& w) {
-                               std::lock_guard<std::mutex> lock(w.mutex);
-                               return w.layer.has_forward() ? w.layer.aux_loss() : 0.0;
+                               return locked_without_gil(w.mutex, [&] {
+                                 return w.layer.has_forward() ? w.layer.aux_loss() : 0.0;
+                               });
                              })
       .def_property_readonly("z_loss",
                              [](PySwitchFFN& w) {
-                               std::lock_guard<std::mutex> lock(w.mutex);
-                               return w.layer.has_forward() ? w.layer.z_loss() : 0.0;
+                               return locked_without_gil(w.mutex, [&] {
+                                 return w.layer.has_forward() ? w.layer.z_loss() : 0.0;
+                               });
                              })
       .def_property_readonly("last_plan",
                              [](PySwitchFFN& w) -> py::object {
-                               std::lock_guard<std::mutex> lock(w.mutex);
-                               if (!w.layer.has_forward()) return py::none();
-                               return py::cast(w.layer.plan());  // a copy
+                               auto plan = locked_without_gil(w.mutex, [&] {
+                                 std::optional<moe::RoutingPlan> copy;
+                                 if (w.layer.has_forward()) copy = w.layer.plan();
+                                 return copy;
+                               });
+                               if (!plan) return py::none();
+                               return py::cast(std::move(*plan));
                              })
       .def_property_readonly("first_expert", [](PySwitchFFN& w) { return w.layer.first_expert(); })
       .def_property_readonly("local_experts",
                              [](PySwitchFFN& w) { return w.layer.local_experts(); })
       .def("stats", [](PySwitchFFN& w) {
-        std::lock_guard<std::mutex> lock(w.mutex);
-        PYSWITCH_CHECK_STATE(w.layer.has_forward(), "SwitchFFN.stats: no forward pass yet");
-        return w.layer.stats();
+        return locked_without_gil(w.mutex, [&] {
+          PYSWITCH_CHECK_STATE(w.layer.has_forward(), "SwitchFFN.stats: no forward pass yet");
+          return w.layer.stats();
+        });
       });
 
   py::class_<PyDenseFFN>(m, "DenseFFN")
@@ -966,12 +1002,9 @@ PYBIND11_MODULE(_core, m) {
                   shape_of(tokens)));
             }
             const int64_t B = tokens.shape(0), S = tokens.shape(1) - 1;
-            model::LossParts loss;
-            {
-              py::gil_scoped_release release;
-              std::lock_guard<std::mutex> lock(w.mutex);
-              loss = w.layer.step(tokens.data(), B, S, training, backward, loss_tokens);
-            }
+            const int32_t* ids = tokens.data();
+            const model::LossParts loss = locked_without_gil(
+                w.mutex, [&] { return w.layer.step(ids, B, S, training, backward, loss_tokens); });
             py::dict out;
             out["ce"] = loss.ce;
             out["aux"] = loss.aux;
@@ -990,17 +1023,13 @@ PYBIND11_MODULE(_core, m) {
              const int64_t V = w.layer.config().vocab_size;
              py::array_t<float> out({B, S, V});
              float* dst = out.mutable_data();
-             {
-               py::gil_scoped_release release;
-               std::lock_guard<std::mutex> lock(w.mutex);
-               w.layer.logits(tokens.data(), B, S, dst);
-             }
+             const int32_t* ids = tokens.data();
+             locked_without_gil(w.mutex, [&] { w.layer.logits(ids, B, S, dst); });
              return out;
            })
       .def("switch_stats",
            [](PySwitchLM& w) {
-             std::lock_guard<std::mutex> lock(w.mutex);
-             return w.layer.switch_stats();
+             return locked_without_gil(w.mutex, [&] { return w.layer.switch_stats(); });
            })
       .def_property_readonly("num_parameters",
                              [](PySwitchLM& w) { return w.layer.num_parameters(); })
@@ -1008,12 +1037,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property(
           "training_steps",
           [](PySwitchLM& w) {
-            std::lock_guard<std::mutex> lock(w.mutex);
-            return w.layer.training_steps();
+            return locked_without_gil(w.mutex, [&] { return w.layer.training_steps(); });
           },
           [](PySwitchLM& w, uint64_t steps) {
-            std::lock_guard<std::mutex> lock(w.mutex);
-            w.layer.set_training_steps(steps);
+            locked_without_gil(w.mutex, [&] { w.layer.set_training_steps(steps); });
           });
 
   m.def(
