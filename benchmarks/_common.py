@@ -352,6 +352,29 @@ def try_import_torch():
         return None
 
 
+TORCH_BF16_SKIPPED = (
+    "torch's CPU bf16 matmul has no fast kernel on a CPU without AVX512_BF16 or AMX (measured "
+    "here: about 1 GFLOP/s, 100x below its float32); its bfloat16 baselines are left out"
+)
+
+
+def torch_bf16_is_fast() -> bool:
+    """Whether torch's CPU bf16 matmul has a native kernel here (AVX512_BF16 or AMX).
+
+    Without one, torch falls back to a reference loop about 100x slower than its float32 GEMM;
+    timing it would take hours and compare pyswitch with a path nobody would use. The bf16
+    baselines are skipped there (and say so).
+    """
+    return any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def torch_for(torch, dtype: str):
+    """``torch`` for a baseline in ``dtype``, or None where that baseline is skipped."""
+    if torch is not None and dtype == "bfloat16" and not torch_bf16_is_fast():
+        return None
+    return torch
+
+
 def torch_import_error() -> str | None:
     return _TORCH_ERR
 

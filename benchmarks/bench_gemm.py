@@ -50,7 +50,7 @@ def bench(ps, torch, quick: bool):
     import ml_dtypes
 
     rng = np.random.default_rng(0)
-    rows, problems = [], []
+    rows, problems, notes = [], [], []
     tier = common.cpu_tier(ps)["label"]
     for what, M, K, N in shapes(quick):
         for dtype in ("float32", "bfloat16"):
@@ -66,7 +66,10 @@ def bench(ps, torch, quick: bool):
                 pass  # no bf16 matmul in oneDNN below AVX-512
             if dtype == "float32":
                 fns["NumPy"] = lambda a=a, b=b: a @ b
-            if torch is not None:
+            torch_here = common.torch_for(torch, dtype)
+            if torch_here is None and torch is not None and common.TORCH_BF16_SKIPPED not in notes:
+                notes.append(common.TORCH_BF16_SKIPPED)
+            if torch_here is not None:
                 ta = (
                     torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
                     if dtype != "float32"
@@ -116,7 +119,7 @@ def bench(ps, torch, quick: bool):
                     f"{busy:.0%}{'!' if busy > common.BUSY_WARN else ''}",
                 ]
             )
-    return rows, problems
+    return rows, problems, notes
 
 
 def main(argv=None) -> int:
@@ -133,10 +136,10 @@ def main(argv=None) -> int:
     print(f"threads  : {threads}")
     if torch is None:
         print(f"torch not importable ({common.torch_import_error()}): skipping the torch baseline")
-    rows, problems = bench(ps, torch, args.quick)
+    rows, problems, notes = bench(ps, torch, args.quick)
     print("\nGFLOP/s (median); 'vs' columns: pyswitch GFLOP/s / baseline GFLOP/s")
     common.print_table(HEADERS, rows, align="lllrrrrrrrr")
-    common.print_run_summary(info, rows, [], problems, busy_warn=common.BUSY_WARN)
+    common.print_run_summary(info, rows, notes, problems, busy_warn=common.BUSY_WARN)
     out = common.write_json(
         NAME,
         {

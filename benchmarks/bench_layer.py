@@ -7,7 +7,7 @@ one weight tensor per expert, a Python loop over experts, as in Hugging Face's S
 Transformers) and "torch-onehot" (a (T, E, C) one-hot dispatch/combine tensor and einsums, as in
 Mesh TensorFlow / fairseq), both differentiated by autograd. "GEMM limit": the tokens/s at which
 the step's expert GEMMs alone (12 * d_model * d_ff flops a token) would run at the best GFLOP/s
-pyswitch.matmul (oneDNN, the layer's GEMM library) reaches on whole-batch GEMMs of their shapes.
+pyswitch.matmul (the layer's own GEMM kernel) reaches on whole-batch GEMMs of their shapes.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ BASELINES = {
     "losses float32 (router input cast to float32 first), as pyswitch's dtype='bfloat16' does; "
     "torch's CPU bf16 matmuls accumulate in float32. torch's expert-weight gradients are bf16 "
     "(pyswitch keeps float32 master weights and gradients)",
-    "gemm_limit": "pyswitch.matmul (oneDNN) GFLOP/s, median, on the shapes of the six GEMMs of "
+    "gemm_limit": "pyswitch.matmul (the layer's GEMM kernel) GFLOP/s, median, on the shapes of "
+    "the six GEMMs of "
     "one expert-FFN training step at whole-batch size: (T,d)@(d,f) and (T,f)@(f,d) twice each "
     "(forward and input gradients), (d,T)@(T,f) and (f,T)@(T,d) once each (weight gradients), "
     "operands pre-transposed outside the timing, each call allocating its output. limit "
@@ -503,6 +504,7 @@ def bench_gemm(ps, torch, T, d_model, d_ff, warmup, repeat) -> dict:
     res = {}
     for dtype in DTYPES:
         per_shape = {}
+        torch_here = common.torch_for(torch, dtype)
         for name, M, Kd, N, count in gemm_shapes(T, d_model, d_ff):
             a = rng.standard_normal((M, Kd), dtype=np.float32)
             b = rng.standard_normal((Kd, N), dtype=np.float32)
@@ -514,7 +516,7 @@ def bench_gemm(ps, torch, T, d_model, d_ff, warmup, repeat) -> dict:
             # context: allocating and first-touching a fresh float32 output, which every
             # pyswitch.matmul call pays (page faults once the output is mmap-sized)
             fns["alloc"] = lambda M=M, N=N: np.empty((M, N), dtype=np.float32).fill(0)
-            if torch is not None:
+            if torch_here is not None:
                 ta, tb = to_torch(torch, a), to_torch(torch, b)
                 fns["torch"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
             tm = common.time_many(fns, warmup=warmup, repeat=repeat)
@@ -847,6 +849,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--skip-memory", action="store_true", help="do not measure peak memory (child processes)"
     )
+    p.add_argument(
+        "--dtypes",
+        default=",".join(DTYPES),
+        help="comma-separated layer dtypes to time (default: %(default)s)",
+    )
     p.add_argument("--memory-child", metavar="JSON", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child is not None:
@@ -887,11 +894,16 @@ def main(argv=None) -> int:
         flush=True,
     )
     first = True
-    for dtype in DTYPES:
+    for dtype in args.dtypes.split(","):
+        if dtype not in DTYPES:
+            p.error(f"--dtypes: expected a comma-separated subset of {DTYPES}, got {dtype!r}")
+        torch_here = common.torch_for(torch, dtype)
+        if torch is not None and torch_here is None:
+            report.notes.append(common.TORCH_BF16_SKIPPED)
         for E in EXPERTS:
             # --quick measures memory for the first case only (each torch child imports torch)
             memory = not args.skip_memory and (first or not args.quick)
-            bench_case(report, ps, torch, gemm, cfg, E, dtype, args.threads, memory)
+            bench_case(report, ps, torch_here, gemm, cfg, E, dtype, args.threads, memory)
             first = False
 
     print()

@@ -132,10 +132,18 @@ def pyswitch_step(ps, model):
 
 
 def main(argv=None) -> int:
-    args = common.make_parser(NAME, __doc__).parse_args(argv)
+    parser = common.make_parser(NAME, __doc__)
+    parser.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="comma-separated model dtypes to time (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if not set(args.dtypes.split(",")) <= {"float32", "bfloat16"}:
+        parser.error(f"--dtypes: expected float32 and/or bfloat16, got {args.dtypes!r}")
     threads = common.set_threads(args.threads)
     ps = common.try_import_pyswitch()
-    torch = common.try_import_torch()
+    torch_module = common.try_import_torch()
     if ps is None:
         print(f"pyswitch not importable ({common.pyswitch_import_error()})")
         return 1
@@ -150,8 +158,12 @@ def main(argv=None) -> int:
     batches = [batch(corpus.train, batch_size, seq_len, 0, s) for s in range(64)]
     repeat, warmup = (2, 1) if args.quick else (6, 2)
     rows, results, problems = [], [], []
+    notes = []
     for experts in (8, 0):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.dtypes.split(","):
+            torch = common.torch_for(torch_module, dtype)
+            if torch_module is not None and torch is None:
+                notes.append(common.TORCH_BF16_SKIPPED)
             base = dict(num_experts=experts, dtype=dtype)
             if args.quick:
                 base.update(d_model=128, d_ff=512, num_layers=2)
@@ -226,8 +238,9 @@ def main(argv=None) -> int:
         },
         args.json,
     )
-    notes = [] if torch is not None else ["torch not installed: pyswitch rows only"]
-    common.print_run_summary(info, rows, notes, problems)
+    if torch_module is None:
+        notes.append("torch not installed: pyswitch rows only")
+    common.print_run_summary(info, rows, sorted(set(notes)), problems)
     print(f"\nwrote {path}")
     return 0
 

@@ -1,5 +1,5 @@
 /// @file threading.hpp
-/// The core's intra-op thread pool (OpenMP, shared with oneDNN so the two never oversubscribe).
+/// The core's intra-op thread pool (OpenMP; oneDNN, used only for comparison, shares it).
 /// Its size is set_num_threads(n), else PYSWITCH_NUM_THREADS, else OMP_NUM_THREADS, else the
 /// number of cores. Every kernel splits work into fixed-size blocks and combines partial
 /// results in block order, so results are bit-identical for any thread count.

@@ -2,8 +2,9 @@
 /// The expert FFNs of a Switch layer, forward and backward, over a packed expert buffer:
 /// expert e owns rows [offsets[e], offsets[e+1]) and computes
 /// act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]  (GEGLU: gelu(x W_in[e]) * (x W_gate[e])).
-/// Compute in float32, or bfloat16 operands with float32 accumulation; GEMMs through oneDNN,
-/// deterministic for any thread count.
+/// Compute in float32, or bfloat16 operands with float32 accumulation; GEMMs on pyswitch's own
+/// kernel (one FMA chain per element), so every row is bit-identical for any thread count, CPU
+/// kernel set and split of the rows (docs/determinism.md).
 #pragma once
 
 #include <cstdint>
