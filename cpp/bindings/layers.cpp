@@ -1,0 +1,164 @@
+// pyswitch._core bindings: matmul, and the SwitchFFN and DenseFFN layers (forward, backward,
+// live parameter and gradient views, statistics).
+#include "common.hpp"
+
+namespace pyswitch::bindings {
+
+void bind_layers(py::module_& m) {
+  // ---- layers ------------------------------------------------------------------------------
+  m.def(
+      "matmul",
+      [](py::handle a_obj, py::handle b_obj, const std::string& library) {
+        if (library != "pyswitch" && library != "onednn") {
+          throw InvalidArgument(detail::concat(
+              "matmul: library must be 'pyswitch' or 'onednn', got '", library, "'"));
+        }
+        py::array a = as_contiguous("matmul", "a", a_obj);
+        py::array b = as_contiguous("matmul", "b", b_obj);
+        const DType dtype = activation_dtype("matmul", "a", a);
+        if (activation_dtype("matmul", "b", b) != dtype) {
+          throw TypeMismatch(detail::concat("matmul: b must have the dtype of a (",
+                                            dtype_name(dtype), "), got ", dtype_of(b)));
+        }
+        if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0)) {
+          throw InvalidArgument(
+              detail::concat("matmul: a (M, K) and b (K, N) must be 2-D with "
+                             "matching K, got ",
+                             shape_of(a), " and ", shape_of(b)));
+        }
+        const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+        py::array_t<float> c({M, N});
+        const void* a_data = a.data();
+        const void* b_data = b.data();
+        float* c_data = c.mutable_data();
+        py::gil_scoped_release release;
+        if (library == "onednn") {
+          pyswitch::matmul_onednn(dtype, M, N, K, a_data, b_data, c_data);
+        } else {
+          pyswitch::matmul(dtype, M, N, K, a_data, b_data, c_data);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("b"), py::arg("library") = "pyswitch");
+
+  py::class_<moe::SwitchStats>(m, "SwitchStats")
+      .def_readonly("drop_fraction", &moe::SwitchStats::drop_fraction)
+      .def_readonly("router_entropy", &moe::SwitchStats::router_entropy)
+      .def_property_readonly("tokens_per_expert", [](const moe::SwitchStats& s) {
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(s.tokens_per_expert.size()));
+        std::copy(s.tokens_per_expert.begin(), s.tokens_per_expert.end(), out.mutable_data());
+        return out;
+      });
+
+  py::class_<PySwitchFFN>(m, "SwitchFFN")
+      .def(py::init([](int64_t d_model, int64_t d_ff, int64_t num_experts, int64_t k,
+                       std::optional<double> capacity_factor,
+                       std::optional<double> eval_capacity_factor, int64_t min_capacity,
+                       std::optional<int64_t> group_size, const std::string& priority,
+                       const std::string& capacity_rounding, bool normalize_gates,
+                       const std::string& activation, bool use_bias, double expert_dropout,
+                       const std::string& dtype, double aux_loss_coef, double z_loss_coef,
+                       double jitter_eps, double init_scale, uint64_t seed,
+                       comm::Communicator* communicator) {
+             moe::SwitchFFNOptions o;
+             o.router.route = route_options(k, capacity_factor, min_capacity, group_size, priority,
+                                            capacity_rounding, normalize_gates);
+             o.router.eval_capacity_factor = eval_capacity_factor;
+             o.router.jitter_eps = jitter_eps;
+             o.router.init_scale = init_scale;
+             o.router.seed = seed;
+             o.activation = moe::parse_activation(activation);
+             o.use_bias = use_bias;
+             o.expert_dropout = expert_dropout;
+             o.dtype = parse_dtype("SwitchFFN", dtype);
+             o.aux_loss_coef = aux_loss_coef;
+             o.z_loss_coef = z_loss_coef;
+             return std::make_unique<PySwitchFFN>(d_model, d_ff, num_experts, o, communicator);
+           }),
+           py::arg("d_model"), py::arg("d_ff"), py::arg("num_experts"), py::arg("k"),
+           py::arg("capacity_factor"), py::arg("eval_capacity_factor"), py::arg("min_capacity"),
+           py::arg("group_size"), py::arg("priority"), py::arg("capacity_rounding"),
+           py::arg("normalize_gates"), py::arg("activation"), py::arg("use_bias"),
+           py::arg("expert_dropout"), py::arg("dtype"), py::arg("aux_loss_coef"),
+           py::arg("z_loss_coef"), py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"),
+           py::arg("comm").none(true),
+           // The layer holds the communicator (and through it its group) by pointer.
+           py::keep_alive<1, 22>())
+      .def("tensors",
+           [](py::object self, bool grads) {
+             moe::SwitchFFN& l = self.cast<PySwitchFFN&>().layer;
+             const int64_t E = l.num_experts(), d = l.d_model();
+             py::dict out;
+             out["router"] =
+                 live_view(self, grads ? l.router_weight_grad() : l.router_weight(), {d, E});
+             add_expert_tensors(out, self, l.weights(), grads, {l.local_experts()}, d, l.d_ff());
+             return out;
+           })
+      .def("forward",
+           [](PySwitchFFN& w, py::handle x, bool training) {
+             return layer_forward("SwitchFFN.forward", w, x, training);
+           })
+      .def("backward", [](PySwitchFFN& w,
+                          py::handle dy) { return layer_backward("SwitchFFN.backward", w, dy); })
+      .def_property_readonly("aux_loss",
+                             [](PySwitchFFN& w) {
+                               return locked_without_gil(w.mutex, [&] {
+                                 return w.layer.has_forward() ? w.layer.aux_loss() : 0.0;
+                               });
+                             })
+      .def_property_readonly("z_loss",
+                             [](PySwitchFFN& w) {
+                               return locked_without_gil(w.mutex, [&] {
+                                 return w.layer.has_forward() ? w.layer.z_loss() : 0.0;
+                               });
+                             })
+      .def_property_readonly("last_plan",
+                             [](PySwitchFFN& w) -> py::object {
+                               auto plan = locked_without_gil(w.mutex, [&] {
+                                 std::optional<moe::RoutingPlan> copy;
+                                 if (w.layer.has_forward()) copy = w.layer.plan();
+                                 return copy;
+                               });
+                               if (!plan) return py::none();
+                               return py::cast(std::move(*plan));
+                             })
+      .def_property_readonly("first_expert", [](PySwitchFFN& w) { return w.layer.first_expert(); })
+      .def_property_readonly("local_experts",
+                             [](PySwitchFFN& w) { return w.layer.local_experts(); })
+      .def("stats", [](PySwitchFFN& w) {
+        return locked_without_gil(w.mutex, [&] {
+          PYSWITCH_CHECK_STATE(w.layer.has_forward(), "SwitchFFN.stats: no forward pass yet");
+          return w.layer.stats();
+        });
+      });
+
+  py::class_<PyDenseFFN>(m, "DenseFFN")
+      .def(py::init([](int64_t d_model, int64_t d_ff, const std::string& activation, bool use_bias,
+                       double dropout, const std::string& dtype, double init_scale, uint64_t seed) {
+             moe::DenseFFNOptions o;
+             o.activation = moe::parse_activation(activation);
+             o.use_bias = use_bias;
+             o.dropout = dropout;
+             o.dtype = parse_dtype("DenseFFN", dtype);
+             o.init_scale = init_scale;
+             o.seed = seed;
+             return std::make_unique<PyDenseFFN>(d_model, d_ff, o);
+           }),
+           py::arg("d_model"), py::arg("d_ff"), py::arg("activation"), py::arg("use_bias"),
+           py::arg("dropout"), py::arg("dtype"), py::arg("init_scale"), py::arg("seed"))
+      .def("tensors",
+           [](py::object self, bool grads) {
+             moe::DenseFFN& l = self.cast<PyDenseFFN&>().layer;
+             py::dict out;
+             add_expert_tensors(out, self, l.weights(), grads, {}, l.d_model(), l.d_ff());
+             return out;
+           })
+      .def("forward",
+           [](PyDenseFFN& w, py::handle x, bool training) {
+             return layer_forward("DenseFFN.forward", w, x, training);
+           })
+      .def("backward",
+           [](PyDenseFFN& w, py::handle dy) { return layer_backward("DenseFFN.backward", w, dy); });
+}
+
+}  // namespace pyswitch::bindings
