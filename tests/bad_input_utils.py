@@ -6,16 +6,12 @@ the message; all are matched case-insensitively, and a fragment ending in a digi
 be followed by another digit ("row 1" does not match "row 10", "(8, 1)" does not match "(8, 1)0").
 """
 
-import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from child_utils import run_python
 
 
 @dataclass
@@ -59,14 +55,7 @@ def run_cases_in_child(module_name, table_name):
         "        pass\n"
         "print('survived', len(cases))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_HERE] + sys.path))
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=_HERE,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(code, timeout=300)
+    assert done is not None, "the bad-input child did not finish within 300 s"
     assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     assert "survived" in done.stdout, (done.stdout[-2000:], done.stderr[-2000:])

@@ -2,18 +2,14 @@
 no torn results. Each scenario runs in a child process under a timeout, so a deadlock fails its
 test instead of hanging the suite."""
 
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 from array_utils import assert_bits_equal
+from child_utils import run_python
 
 import pyswitch
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 # A passing scenario takes a few seconds on two cores; a deadlock never ends.
 TIMEOUT_S = 90
@@ -25,18 +21,7 @@ READS = ("aux_loss", "z_loss", "last_plan", "stats")
 def _run_child(call):
     """Run ``test_threads.<call>`` in a child process; fail if it raises or does not finish."""
     code = f"import test_threads as t\nt.{call}\nprint('finished')\n"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_HERE] + sys.path))
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=_HERE,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        done = None
+    done = run_python(code, TIMEOUT_S)
     if done is None:
         pytest.fail(
             f"{call}: no result after {TIMEOUT_S} s, child killed: the threads deadlocked",

@@ -49,14 +49,20 @@ void gemm_pack_b(const GemmOperand& b, int64_t k0, int64_t kc, int64_t n0, int64
                  float* packed) {
   constexpr int64_t NR = kGemmPanelCols;
   const int64_t whole = b.trans || b.bf16 ? 0 : cols / NR;
-  // Row by row across all panels: each source row is read once, front to back (panel by panel,
-  // the reads would stride by ld and thrash L1 sets when ld is a power of two).
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* src = static_cast<const float*>(b.data) + (k0 + k) * b.ld + n0;
+  // A few source rows at a time across all panels: each row is read once, front to back, and
+  // each panel is written in runs of kRowChunk rows. Panel by panel over all k would read with
+  // stride ld; row by row over all panels would write with stride kc * NR. Either stride is a
+  // power of two for typical sizes, and a power-of-two stride thrashes L1 sets.
+  constexpr int64_t kRowChunk = 8;
+  for (int64_t k1 = 0; k1 < kc; k1 += kRowChunk) {
+    const int64_t k_end = k1 + kRowChunk < kc ? k1 + kRowChunk : kc;
     for (int64_t p = 0; p < whole; ++p) {
-      float* dst = packed + p * kc * NR + k * NR;
+      const float* src = static_cast<const float*>(b.data) + (k0 + k1) * b.ld + n0 + p * NR;
+      float* dst = packed + p * kc * NR + k1 * NR;
+      for (int64_t k = k1; k < k_end; ++k, src += b.ld, dst += NR) {
 #pragma GCC unroll 4
-      for (int v = 0; v < kGemmVectors; ++v) store(dst + 16 * v, load(src + p * NR + 16 * v));
+        for (int v = 0; v < kGemmVectors; ++v) store(dst + 16 * v, load(src + 16 * v));
+      }
     }
   }
   for (int64_t p0 = whole * NR; p0 < cols; p0 += NR) {
@@ -137,6 +143,7 @@ void gemm_micro(int64_t kc, const float* a, const float* b, int64_t rows, int64_
       }
     }
   }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     V bk[NV];
 #pragma GCC unroll 4
