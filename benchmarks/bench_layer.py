@@ -495,14 +495,14 @@ def gemm_shapes(T, d_model, d_ff):
     ]
 
 
-def bench_gemm(ps, torch, T, d_model, d_ff, warmup, repeat) -> dict:
+def bench_gemm(ps, torch, T, d_model, d_ff, warmup, repeat, dtypes=DTYPES) -> dict:
     """GFLOP/s of pyswitch.matmul (and torch.mm for context) on the step's GEMM shapes."""
     import ml_dtypes
 
     use_ps = ps is not None and hasattr(ps, "matmul")
     rng = np.random.default_rng(3)
     res = {}
-    for dtype in DTYPES:
+    for dtype in dtypes:
         per_shape = {}
         torch_here = common.torch_for(torch, dtype)
         for name, M, Kd, N, count in gemm_shapes(T, d_model, d_ff):
@@ -883,7 +883,13 @@ def main(argv=None) -> int:
     T, d_model, d_ff = cfg["T"], cfg["d_model"], cfg["d_ff"]
 
     report = Report()
-    gemm = bench_gemm(ps, torch, T, d_model, d_ff, cfg["gemm_warmup"], cfg["gemm_repeat"])
+    dtypes = args.dtypes.split(",")
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            p.error(f"--dtypes: expected a comma-separated subset of {DTYPES}, got {dtype!r}")
+    gemm = bench_gemm(
+        ps, torch, T, d_model, d_ff, cfg["gemm_warmup"], cfg["gemm_repeat"], tuple(dtypes)
+    )
     print_gemm(gemm, T, d_model, d_ff)
 
     print(
@@ -894,9 +900,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     first = True
-    for dtype in args.dtypes.split(","):
-        if dtype not in DTYPES:
-            p.error(f"--dtypes: expected a comma-separated subset of {DTYPES}, got {dtype!r}")
+    for dtype in dtypes:
         torch_here = common.torch_for(torch, dtype)
         if torch is not None and torch_here is None:
             report.notes.append(common.TORCH_BF16_SKIPPED)

@@ -109,6 +109,11 @@ std::vector<Problem> problems() {
   }
   out.push_back({false, false, false, 9, 11, 700, 1.0f, 1.0f});
   out.push_back({true, false, false, 9, 11, 700, 0.5f, 0.0f});
+  // Tall calls: tiles of several 96-row blocks (all of M in a serial call) against one packed
+  // B block, with acc parked over K blocks in C or, with beta = 1, in a buffer.
+  out.push_back({false, false, false, 1000, 40, 600, 1.0f, 1.0f});
+  out.push_back({true, false, false, 1000, 70, 300, 0.5f, 0.0f});
+  out.push_back({false, true, true, 500, 300, 520, 1.0f, 1.0f});
   return out;
 }
 

@@ -6,9 +6,10 @@
 //   acc = +0; for k = 0, 1, ..., K-1: acc = fma(a[m, k], b[k, n], acc)
 //   c = (alpha == 1 ? acc : alpha * acc), then c = c_old + c when beta == 1,
 // in float32, with bfloat16 operands widened exactly. Nothing in that chain depends on the
-// tile, on the row's place in it, on the register block or on the ISA, so a row's result is the
-// same however the rows are split (expert parallelism, thread counts) and on every tier. Blocking
-// over K only parks acc in memory between blocks, which float32 storage does not round.
+// tile, on the row's place in it, on the register block, on whether an operand was packed or
+// read in place, or on the ISA, so a row's result is the same however the rows are split (expert
+// parallelism, thread counts) and on every tier. Blocking over K only parks acc in memory
+// between blocks, which float32 storage does not round.
 //
 // Vocabulary used: V load(const float*), V load_tail(const float*, int64_t, float),
 // void store(float*, V), void store_tail(float*, V, int64_t), V set1(float), V add(V, V),
@@ -17,6 +18,9 @@
 namespace {
 
 constexpr int64_t kGemmDepth = 256;  // K block: one B micro-panel (256 x NR floats) fits L1
+// Rows run against a packed B block in sub-blocks of this many: their A rows (96 x 256 floats)
+// stay in L2 beside the block (at most 256 x 256 floats) while each B micro-panel sits in L1.
+constexpr int64_t kGemmRowBlock = 96;  // a multiple of every register block (4, 6, 12)
 constexpr int64_t kGemmPanelCols = 16 * kGemmVectors;
 
 inline float gemm_operand_value(const GemmOperand& op, int64_t offset) {
@@ -75,7 +79,22 @@ void gemm_pack_b(const GemmOperand& b, int64_t k0, int64_t kc, int64_t n0, int64
         for (int64_t c = width; c < NR; ++c) dst[c] = 0.0f;
       }
     } else {  // B is stored (N, K): column c of the panel is contiguous
-      for (int64_t c = 0; c < width; ++c) {
+      int64_t c = 0;
+      if (!b.bf16) {
+        // 8 x 8 blocks through registers (transpose8x8, per ISA): element by element, every
+        // write of a column would touch its own cache line, and this pack runs once per tile
+        // for each K block of the backward's dX = dY W^T products.
+        const float* src = static_cast<const float*>(b.data) + (n0 + p0) * b.ld + k0;
+        for (; c + 8 <= width; c += 8) {
+          int64_t k = 0;
+          for (; k + 8 <= kc; k += 8)
+            transpose8x8(src + c * b.ld + k, b.ld, panel + k * NR + c, NR);
+          for (; k < kc; ++k) {
+            for (int64_t j = 0; j < 8; ++j) panel[k * NR + c + j] = src[(c + j) * b.ld + k];
+          }
+        }
+      }
+      for (; c < width; ++c) {
         const int64_t base = (n0 + p0 + c) * b.ld + k0;
         for (int64_t k = 0; k < kc; ++k) panel[k * NR + c] = gemm_operand_value(b, base + k);
       }
@@ -93,7 +112,16 @@ void gemm_pack_a(const GemmOperand& a, int64_t k0, int64_t kc, int64_t m0, int64
   for (int64_t p0 = 0; p0 < rows; p0 += MR) {
     const int64_t height = rows - p0 < MR ? rows - p0 : MR;
     float* panel = packed + (p0 / MR) * kc * MR;
-    if (a.trans) {  // A is stored (K, M): row k of the panel is contiguous
+    if (a.trans && !a.bf16 && height == MR) {
+      // A is stored (K, M) in float32: row k of the panel is MR contiguous floats, a copy of
+      // constant length the compiler turns into a few vector moves (this pack runs once per
+      // tile for every K block of the weight gradients).
+      const float* src = static_cast<const float*>(a.data) + k0 * a.ld + m0 + p0;
+      for (int64_t k = 0; k < kc; ++k) {
+#pragma GCC unroll 16
+        for (int64_t r = 0; r < MR; ++r) panel[k * MR + r] = src[k * a.ld + r];
+      }
+    } else if (a.trans) {  // A is stored (K, M): row k of the panel is contiguous
       float run[MR];
       for (int64_t k = 0; k < kc; ++k) {
         gemm_copy_run(a, (k0 + k) * a.ld + m0 + p0, height, run);
@@ -122,13 +150,18 @@ struct GemmMicroOut {
   bool last;
 };
 
-// acc (rows x cols, at most MR x NR) continues its chains over kc more k: `a` is one packed A
-// micro-panel (kc x MR), `b` one packed B micro-panel (kc x NR).
-void gemm_micro(int64_t kc, const float* a, const float* b, int64_t rows, int64_t cols,
+// acc (rows x cols, at most MR x NR) continues its chains over kc more k. `b` is one packed B
+// micro-panel (kc x NR). A is one packed micro-panel (kc x MR, a[k * MR + i]) when kPackedA, or
+// else float32 rows read in place (a[i * lda + k]): skipping the pack is what keeps small-K and
+// few-column products fast. Rows past `rows` then re-read the last row; they are never stored.
+template <bool kPackedA>
+void gemm_micro(int64_t kc, const float* a, int64_t lda, const float* b, int64_t rows, int64_t cols,
                 const GemmMicroOut& out) {
   constexpr int MR = kGemmRows;
   constexpr int NV = kGemmVectors;
   constexpr int64_t NR = kGemmPanelCols;
+  const float* row[MR];
+  for (int i = 0; i < MR; ++i) row[i] = a + (i < rows ? i : rows - 1) * lda;
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -150,7 +183,7 @@ void gemm_micro(int64_t kc, const float* a, const float* b, int64_t rows, int64_
     for (int v = 0; v < NV; ++v) bk[v] = load(b + k * NR + 16 * v);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V ai = set1(a[k * MR + i]);
+      const V ai = set1(kPackedA ? a[k * MR + i] : row[i][k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = fma(ai, bk[v], acc[i][v]);
     }
@@ -186,45 +219,56 @@ std::vector<float>& gemm_buffer(int which) {
 void gemm_tile_impl(const GemmTileArgs& t) {
   constexpr int64_t MR = kGemmRows;
   constexpr int64_t NR = kGemmPanelCols;
-  const int64_t row_panels = (t.rows + MR - 1) / MR;
   const int64_t col_panels = (t.cols + NR - 1) / NR;
   const int64_t depth = t.K < kGemmDepth ? t.K : kGemmDepth;
+  // float32 rows of A are read in place; transposed or bf16 A is packed, a row block at a time.
+  const bool pack_a = t.a.trans || t.a.bf16;
+  const int64_t row_block = t.rows < kGemmRowBlock ? t.rows : kGemmRowBlock;
   std::vector<float>& packed_a = gemm_buffer(0);
   std::vector<float>& packed_b = gemm_buffer(1);
   std::vector<float>& partial = gemm_buffer(2);
-  packed_a.resize(static_cast<size_t>(row_panels * MR * depth));
+  if (pack_a) packed_a.resize(static_cast<size_t>((row_block + MR - 1) / MR * MR * depth));
   packed_b.resize(static_cast<size_t>(col_panels * NR * depth));
-  const bool blocked = t.K > kGemmDepth;
   // Between K blocks acc is parked in C itself, unless C's old values are still needed.
   float* park = t.c;
   int64_t ld_park = t.ldc;
-  if (blocked && t.beta_one) {
+  if (t.K > kGemmDepth && t.beta_one) {
     partial.resize(static_cast<size_t>(t.rows * t.cols));
     park = partial.data();
     ld_park = t.cols;
   }
   for (int64_t k0 = 0; k0 < t.K; k0 += kGemmDepth) {
     const int64_t kc = t.K - k0 < kGemmDepth ? t.K - k0 : kGemmDepth;
-    gemm_pack_b(t.b, k0, kc, t.n0, t.cols, packed_b.data());
-    gemm_pack_a(t.a, k0, kc, t.m0, t.rows, packed_a.data());
     const bool first = k0 == 0, last = k0 + kc >= t.K;
-    for (int64_t jp = 0; jp < col_panels; ++jp) {
-      const int64_t j = jp * NR;
-      const int64_t cols = t.cols - j < NR ? t.cols - j : NR;
-      for (int64_t ip = 0; ip < row_panels; ++ip) {
-        const int64_t i = ip * MR;
-        const int64_t rows = t.rows - i < MR ? t.rows - i : MR;
-        GemmMicroOut out;
-        out.partial_in = first ? nullptr : park + i * ld_park + j;
-        out.partial_out = park + i * ld_park + j;
-        out.ld_partial = ld_park;
-        out.c = t.c + i * t.ldc + j;
-        out.ldc = t.ldc;
-        out.alpha = t.alpha;
-        out.beta_one = t.beta_one;
-        out.last = last;
-        gemm_micro(kc, packed_a.data() + ip * kc * MR, packed_b.data() + jp * kc * NR, rows, cols,
-                   out);
+    gemm_pack_b(t.b, k0, kc, t.n0, t.cols, packed_b.data());
+    for (int64_t r0 = 0; r0 < t.rows; r0 += kGemmRowBlock) {
+      const int64_t block_rows = t.rows - r0 < kGemmRowBlock ? t.rows - r0 : kGemmRowBlock;
+      const int64_t row_panels = (block_rows + MR - 1) / MR;
+      if (pack_a) gemm_pack_a(t.a, k0, kc, t.m0 + r0, block_rows, packed_a.data());
+      const float* a_rows =
+          static_cast<const float*>(t.a.data) + (t.m0 + r0) * t.a.ld + k0;  // when !pack_a
+      for (int64_t jp = 0; jp < col_panels; ++jp) {
+        const int64_t j = jp * NR;
+        const int64_t cols = t.cols - j < NR ? t.cols - j : NR;
+        const float* b_panel = packed_b.data() + jp * kc * NR;
+        for (int64_t ip = 0; ip < row_panels; ++ip) {
+          const int64_t i = r0 + ip * MR;
+          const int64_t rows = t.rows - i < MR ? t.rows - i : MR;
+          GemmMicroOut out;
+          out.partial_in = first ? nullptr : park + i * ld_park + j;
+          out.partial_out = park + i * ld_park + j;
+          out.ld_partial = ld_park;
+          out.c = t.c + i * t.ldc + j;
+          out.ldc = t.ldc;
+          out.alpha = t.alpha;
+          out.beta_one = t.beta_one;
+          out.last = last;
+          if (pack_a) {
+            gemm_micro<true>(kc, packed_a.data() + ip * kc * MR, 0, b_panel, rows, cols, out);
+          } else {
+            gemm_micro<false>(kc, a_rows + ip * MR * t.a.ld, t.a.ld, b_panel, rows, cols, out);
+          }
+        }
       }
     }
   }

@@ -33,8 +33,10 @@ struct GemmOperand {
 };
 
 // One tile of C = alpha * op(A) op(B) + beta * C over the whole K: rows [m0, m0 + rows) and
-// columns [n0, n0 + cols) of C; `c` points at the tile's (m0, n0) element. Every element is the
-// chain documented in gemm_tile.inl, identical on every ISA and for any tiling.
+// columns [n0, n0 + cols) of C; `c` points at the tile's (m0, n0) element. The tile packs each K
+// block of its columns of op(B) once and runs all its rows against it, so a tile with many rows
+// (the whole M, in a serial call) packs op(B) once. Every element is the chain documented in
+// gemm_tile.inl, identical on every ISA and for any tiling.
 struct GemmTileArgs {
   GemmOperand a, b;
   int64_t K = 0;

@@ -137,6 +137,7 @@ inline void daccumulate_scaled(double* dst, V x, double s, int64_t n) {
 }  // namespace
 
 #include "cpu/route_rows.inl"
+#include "cpu/transpose8_avx.inl"  // before gemm_tile.inl, which uses it
 
 namespace {
 // GEMM register block: 6 rows x 16 columns = 12 ymm accumulators, 2 for B, 1 broadcast.

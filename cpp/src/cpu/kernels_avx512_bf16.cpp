@@ -103,6 +103,7 @@ inline void daccumulate_scaled(double* dst, V a, double s, int64_t n) {
 }  // namespace
 
 #include "cpu/route_rows.inl"
+#include "cpu/transpose8_avx.inl"  // before gemm_tile.inl, which uses it
 
 namespace {
 // GEMM register block: 12 rows x 32 columns = 24 zmm accumulators, 2 for B, 1 broadcast.

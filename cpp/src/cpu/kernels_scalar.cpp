@@ -121,6 +121,15 @@ constexpr int kGemmRows = 4;
 constexpr int kGemmVectors = 2;
 }  // namespace
 
+namespace {
+// The reference's 8 x 8 transpose (the AVX tiers use cpu/transpose8_avx.inl): a plain copy.
+inline void transpose8x8(const float* src, int64_t ld, float* dst, int64_t dst_ld) {
+  for (int64_t i = 0; i < 8; ++i) {
+    for (int64_t j = 0; j < 8; ++j) dst[i * dst_ld + j] = src[j * ld + i];
+  }
+}
+}  // namespace
+
 #include "cpu/gemm_tile.inl"
 
 namespace {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "cpu/kernels.hpp"
 #include "gemm.hpp"
@@ -141,6 +142,23 @@ void rope_apply(float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, double 
 // thread count (one (batch, head) pair per task, serial inside).
 constexpr int64_t kQueryBlock = 64;
 
+// dst (Dh, S) = one head's (S, Dh) slice of the packed rows (row stride `stride`), transposed
+// once per (batch, head): the query blocks then multiply by it untransposed, whose packing is a
+// vector copy, instead of each re-transposing the keys element by element. Values are copied,
+// so the products are bit-identical either way.
+void transpose_head(const float* src, int64_t S, int64_t Dh, int64_t stride,
+                    std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(S * Dh));
+  constexpr int64_t kBlock = 16;
+  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+    const int64_t s1 = std::min(S, s0 + kBlock);
+    for (int64_t d = 0; d < Dh; ++d) {
+      float* out = dst.data() + d * S;
+      for (int64_t s = s0; s < s1; ++s) out[s] = src[s * stride + d];
+    }
+  }
+}
+
 void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t Dh, float* out,
                        float* probs) {
   const int64_t width = 3 * H * Dh, out_width = H * Dh;
@@ -153,10 +171,12 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t H, int64_
     const float* v = q + 2 * H * Dh;
     float* p = probs + bh * S * S;
     float* o = out + b * S * out_width + h * Dh;
+    thread_local std::vector<float> k_t;
+    transpose_head(k, S, Dh, width, k_t);
     for (int64_t i0 = 0; i0 < S; i0 += kQueryBlock) {
       const int64_t i1 = std::min(S, i0 + kQueryBlock);
-      detail::gemm_serial(DType::float32, false, true, i1 - i0, i1, Dh, scale, q + i0 * width,
-                          width, k, width, 0.0f, p + i0 * S, S);
+      detail::gemm_serial(DType::float32, false, false, i1 - i0, i1, Dh, scale, q + i0 * width,
+                          width, k_t.data(), S, 0.0f, p + i0 * S, S);
       kernels.causal_softmax_rows(p + i0 * S, i1 - i0, S, i0 + 1, S);
       detail::gemm_serial(DType::float32, false, false, i1 - i0, Dh, i1, 1.0f, p + i0 * S, S, v,
                           width, 0.0f, o + i0 * out_width, out_width);
@@ -184,13 +204,14 @@ void attention_backward(const float* d_out, const float* qkv, const float* probs
       std::fill(dk + j * width, dk + j * width + Dh, 0.0f);
       std::fill(dv + j * width, dv + j * width + Dh, 0.0f);
     }
-    thread_local std::vector<float> ds;
+    thread_local std::vector<float> ds, v_t;
     ds.resize(static_cast<size_t>(kQueryBlock * S));
+    transpose_head(v, S, Dh, width, v_t);
     for (int64_t i0 = 0; i0 < S; i0 += kQueryBlock) {
       const int64_t i1 = std::min(S, i0 + kQueryBlock), n = i1 - i0;
       // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)), over the keys [0, i1).
-      detail::gemm_serial(DType::float32, false, true, n, i1, Dh, 1.0f, g + i0 * out_width,
-                          out_width, v, width, 0.0f, ds.data(), S);
+      detail::gemm_serial(DType::float32, false, false, n, i1, Dh, 1.0f, g + i0 * out_width,
+                          out_width, v_t.data(), S, 0.0f, ds.data(), S);
       kernels.causal_softmax_backward_rows(p + i0 * S, S, ds.data(), S, n, i0 + 1, i1);
       detail::gemm_serial(DType::float32, true, false, i1, Dh, n, 1.0f, p + i0 * S, S,
                           g + i0 * out_width, out_width, 1.0f, dv, width);
