@@ -1,7 +1,8 @@
 """Benchmark: training-step throughput of the Switch language model, pyswitch vs PyTorch (CPU).
 
 One training step = forward, backward, global-norm clipping and an AdamW update, on a batch of
-byte tokens from the default corpus. Baseline, same process and same weights: the same model
+byte tokens from the default corpus; for pyswitch, one call of the C++ Trainer, as in
+`pyswitch train`. Baseline, same process and same weights: the same model
 written in PyTorch in this file (tied embedding, RMSNorm, RoPE, causal attention through
 scaled_dot_product_attention, top-1 Switch FFN in the index style of today's HF code with
 capacity, dense FFNs elsewhere, float32 router, CE + aux + z losses, torch.optim.AdamW with
@@ -117,6 +118,22 @@ def torch_model(torch, ps_model, config, dtype):
 
 
 def pyswitch_step(ps, model):
+    """The step `pyswitch train` runs: one Trainer call (AdamW, clip 1.0, constant lr 1e-3).
+    A build without the C++ Trainer (older versions, for before/after runs) gets the same step
+    written in Python."""
+    from pyswitch import _core
+
+    if hasattr(_core, "Trainer"):
+        options = _core.TrainerOptions(peak_lr=1e-3, warmup_steps=0, decay="constant", clip=1.0)
+        trainer = _core.Trainer(model._impl, options)
+        counter = iter(range(1 << 62))
+
+        def step(tokens):
+            n = tokens.shape[0] * (tokens.shape[1] - 1)
+            return trainer.step(tokens, next(counter), 1 << 40, n)["ce"]
+
+        return step
+
     from pyswitch.optim import AdamW, clip_grad_norm
 
     opt = AdamW(model.params, model.decay_params)

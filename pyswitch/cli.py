@@ -106,7 +106,13 @@ def _add_train(sub) -> None:
     g.add_argument("--data", default=None, help="a text file or a directory of text files")
     g.add_argument("--out", default=None, help="run directory (default runs/<time>-<kind>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
-    g.add_argument("--eval-every", type=_positive_int, default=t.eval_every)
+    g.add_argument("--eval-every", type=_positive_int, default=t.eval_every, help="steps")
+    g.add_argument(
+        "--eval-minutes",
+        type=_positive_float,
+        default=t.eval_minutes,
+        help="also validate after this many minutes since the last validation",
+    )
     g.add_argument("--ckpt-every", type=_positive_int, default=t.ckpt_every)
     g.add_argument("--log-every", type=_positive_int, default=t.log_every)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -155,6 +161,7 @@ def _cmd_train(args) -> int:
         out=args.out,
         resume=args.resume,
         eval_every=args.eval_every,
+        eval_minutes=args.eval_minutes,
         ckpt_every=args.ckpt_every,
         log_every=args.log_every,
         progress=not args.no_progress,

@@ -356,8 +356,19 @@ class MPIComm(Communicator):
             raise
 
 
+def thread_shares(threads: int, world_size: int) -> list[int]:
+    """How :class:`LocalGroup` splits ``threads`` (the pool size) between ``world_size`` thread
+    ranks: ``threads // world_size`` each, one more for the first ``threads % world_size``
+    ranks, and at least 1."""
+    base, extra = divmod(threads, world_size)
+    return [max(1, base + (rank < extra)) for rank in range(world_size)]
+
+
 class LocalGroup:
     """``world_size`` ranks as threads of this process (the embedded default backend).
+
+    The ranks split the core's thread pool (:func:`thread_shares`) rather than each running a
+    full team, so ``W`` ranks do not oversubscribe the cores ``W`` times over.
 
     Parameters
     ----------
@@ -385,13 +396,19 @@ class LocalGroup:
         errors = []  # (time, rank, exception)
         lock = threading.Lock()
 
+        shares = thread_shares(_core.get_num_threads(), self.world_size)
+
         def body(rank):
+            # Each rank runs its ops on its share of the pool, not on a full team of its own.
+            _core.set_thread_share(shares[rank])
             try:
                 results[rank] = fn(Communicator(group.comm(rank), group.poison))
             except BaseException as exc:  # noqa: BLE001 - re-raised by run()
                 with lock:
                     errors.append((time.monotonic(), rank, exc))
                 group.poison(f"rank {rank} raised {type(exc).__name__}: {exc}")
+            finally:
+                _core.set_thread_share(0)
 
         threads = [
             threading.Thread(target=body, args=(r,), name=f"pyswitch-rank-{r}", daemon=True)

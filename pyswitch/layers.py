@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from .routing import _as_factor, _as_str, _router_args
+from .routing import _as_factor, _as_str, _router_options
 from .runtime import _as_int, _as_seed
 
 _ACTIVATIONS = ("relu", "gelu", "geglu")
@@ -131,30 +131,33 @@ class SwitchFFN:
         self.comm = comm
         self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
         self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
+        options = _core.SwitchFFNOptions(
+            router=_router_options(
+                where,
+                k=k,
+                capacity_factor=capacity_factor,
+                eval_capacity_factor=eval_capacity_factor,
+                min_capacity=min_capacity,
+                group_size=group_size,
+                priority=priority,
+                capacity_rounding=capacity_rounding,
+                normalize_gates=normalize_gates,
+                jitter_eps=jitter_eps,
+                init_scale=init_scale,
+                seed=seed,
+            ),
+            activation=self.activation,
+            use_bias=bool(use_bias),
+            expert_dropout=_as_factor(where, "expert_dropout", expert_dropout, allow_none=False),
+            dtype=self.dtype,
+            aux_loss_coef=_as_factor(where, "aux_loss_coef", aux_loss_coef, allow_none=False),
+            z_loss_coef=_as_factor(where, "z_loss_coef", z_loss_coef, allow_none=False),
+        )
         self._impl = _core.SwitchFFN(
             _as_int(where, "d_model", d_model),
             _as_int(where, "d_ff", d_ff),
             _as_int(where, "num_experts", num_experts),
-            *_router_args(
-                where,
-                k,
-                capacity_factor,
-                eval_capacity_factor,
-                min_capacity,
-                group_size,
-                priority,
-                capacity_rounding,
-                normalize_gates,
-            ),
-            self.activation,
-            bool(use_bias),
-            _as_factor(where, "expert_dropout", expert_dropout, allow_none=False),
-            self.dtype,
-            _as_factor(where, "aux_loss_coef", aux_loss_coef, allow_none=False),
-            _as_factor(where, "z_loss_coef", z_loss_coef, allow_none=False),
-            _as_factor(where, "jitter_eps", jitter_eps, allow_none=False),
-            _as_factor(where, "init_scale", init_scale, allow_none=False),
-            _as_seed(where, seed),
+            options,
             comm_impl,
         )
         self.params = dict(self._impl.tensors(False))
@@ -271,15 +274,16 @@ class DenseFFN:
         where = "DenseFFN"
         self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
         self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
+        options = _core.DenseFFNOptions(
+            activation=self.activation,
+            use_bias=bool(use_bias),
+            dropout=_as_factor(where, "dropout", dropout, allow_none=False),
+            dtype=self.dtype,
+            init_scale=_as_factor(where, "init_scale", init_scale, allow_none=False),
+            seed=_as_seed(where, seed),
+        )
         self._impl = _core.DenseFFN(
-            _as_int(where, "d_model", d_model),
-            _as_int(where, "d_ff", d_ff),
-            self.activation,
-            bool(use_bias),
-            _as_factor(where, "dropout", dropout, allow_none=False),
-            self.dtype,
-            _as_factor(where, "init_scale", init_scale, allow_none=False),
-            _as_seed(where, seed),
+            _as_int(where, "d_model", d_model), _as_int(where, "d_ff", d_ff), options
         )
         self.params = dict(self._impl.tensors(False))
         self.grads = dict(self._impl.tensors(True))

@@ -103,27 +103,31 @@ class SwitchLM:
             comm_impl = comm._impl
         self.config = c
         self.comm = comm
-        self._impl = _core.SwitchLM(
-            _as_int(where, "vocab_size", c.vocab_size),
-            _as_int(where, "d_model", c.d_model),
-            _as_int(where, "num_layers", c.num_layers),
-            _as_int(where, "num_heads", c.num_heads),
-            _as_int(where, "d_ff", c.d_ff),
-            _as_int(where, "num_experts", c.num_experts),
-            _as_int(where, "k", c.k),
-            _as_factor(where, "capacity_factor", c.capacity_factor, allow_none=True),
-            _as_factor(where, "eval_capacity_factor", c.eval_capacity_factor, allow_none=True),
-            _as_int(where, "expert_every", c.expert_every),
-            c.dtype,
-            _as_factor(where, "aux_loss_coef", c.aux_loss_coef, allow_none=False),
-            _as_factor(where, "z_loss_coef", c.z_loss_coef, allow_none=False),
-            _as_factor(where, "jitter_eps", c.jitter_eps, allow_none=False),
-            _as_factor(where, "init_scale", c.init_scale, allow_none=False),
-            _as_factor(where, "rope_base", c.rope_base, allow_none=False),
-            _as_factor(where, "norm_eps", c.norm_eps, allow_none=False),
-            _as_seed(where, c.seed),
-            comm_impl,
+        config = _core.SwitchLMConfig(
+            vocab_size=_as_int(where, "vocab_size", c.vocab_size),
+            d_model=_as_int(where, "d_model", c.d_model),
+            num_layers=_as_int(where, "num_layers", c.num_layers),
+            num_heads=_as_int(where, "num_heads", c.num_heads),
+            d_ff=_as_int(where, "d_ff", c.d_ff),
+            num_experts=_as_int(where, "num_experts", c.num_experts),
+            k=_as_int(where, "k", c.k),
+            capacity_factor=_as_factor(
+                where, "capacity_factor", c.capacity_factor, allow_none=True
+            ),
+            eval_capacity_factor=_as_factor(
+                where, "eval_capacity_factor", c.eval_capacity_factor, allow_none=True
+            ),
+            expert_every=_as_int(where, "expert_every", c.expert_every),
+            dtype=c.dtype,
+            aux_loss_coef=_as_factor(where, "aux_loss_coef", c.aux_loss_coef, allow_none=False),
+            z_loss_coef=_as_factor(where, "z_loss_coef", c.z_loss_coef, allow_none=False),
+            jitter_eps=_as_factor(where, "jitter_eps", c.jitter_eps, allow_none=False),
+            init_scale=_as_factor(where, "init_scale", c.init_scale, allow_none=False),
+            rope_base=_as_factor(where, "rope_base", c.rope_base, allow_none=False),
+            norm_eps=_as_factor(where, "norm_eps", c.norm_eps, allow_none=False),
+            seed=_as_seed(where, c.seed),
         )
+        self._impl = _core.SwitchLM(config, comm_impl)
         self.params, self.grads = {}, {}
         self.expert_params, self.decay_params = set(), set()
         for name, data, grad, expert, decay in self._impl.parameters():

@@ -31,7 +31,11 @@ def learning_rate(
     sqrt(warmup / step)``, the paper's schedule)."""
     if decay not in _DECAYS:
         raise ValueError(f"learning_rate: decay must be one of {_DECAYS}, got {decay!r}")
-    return float(_core.learning_rate(step, peak, warmup_steps, total_steps, decay, final_fraction))
+    return float(
+        _core.learning_rate(
+            step, peak, warmup_steps, total_steps, decay, final_fraction=final_fraction
+        )
+    )
 
 
 def clip_grad_norm(grads: list[np.ndarray], max_norm: float) -> float:
@@ -72,6 +76,7 @@ class AdamW:
         self.params = params
         self.decay = set(decay)
         self.hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        self._options = _core.AdamWOptions(**self.hyper)
         self.steps = 0
         self.state = {}
         for name, p in params.items():
@@ -81,20 +86,16 @@ class AdamW:
     def step(self, grads: dict, lr: float) -> None:
         """One update of every parameter from ``grads`` (same names) with learning rate lr."""
         self.steps += 1
-        h = self.hyper
         for name, p in self.params.items():
             _core.adamw_step(
                 p,
                 grads[name],
                 self.state[f"{name}.m"],
                 self.state[f"{name}.v"],
-                self.steps,
-                float(lr),
-                h["beta1"],
-                h["beta2"],
-                h["eps"],
-                h["weight_decay"],
-                name in self.decay,
+                step=self.steps,
+                lr=float(lr),
+                options=self._options,
+                decay=name in self.decay,
             )
 
 
@@ -122,6 +123,11 @@ class Adafactor:
         self.hyper = dict(
             decay_rate=decay_rate, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay
         )
+        # Indexed by "is this tensor decayed": weight decay applies to the decay names only.
+        self._options = (
+            _core.AdafactorOptions(**{**self.hyper, "weight_decay": 0.0}),
+            _core.AdafactorOptions(**self.hyper),
+        )
         self.steps = 0
         self.state = {}
         self._shapes = {}
@@ -139,7 +145,6 @@ class Adafactor:
 
     def step(self, grads: dict, lr: float) -> None:
         self.steps += 1
-        h = self.hyper
         for name, p in self.params.items():
             batches, rows, cols = self._shapes[name]
             _core.adafactor_step(
@@ -148,15 +153,12 @@ class Adafactor:
                 self.state[f"{name}.row"],
                 self.state[f"{name}.col"],
                 self.state[f"{name}.full"],
-                batches,
-                rows,
-                cols,
-                self.steps,
-                float(lr),
-                h["decay_rate"],
-                h["eps"],
-                h["clip_threshold"],
-                h["weight_decay"] if name in self.decay else 0.0,
+                batches=batches,
+                rows=rows,
+                cols=cols,
+                step=self.steps,
+                lr=float(lr),
+                options=self._options[name in self.decay],
             )
 
 

@@ -8,8 +8,6 @@ z losses. All the work happens in the C++ core with the GIL released.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _core
@@ -42,27 +40,38 @@ def _as_group_size(where: str, value):
     return None if value is None else _as_int(where, "group_size", value)
 
 
-def _router_args(
+def _route_options(
     where,
     k,
     capacity_factor,
-    eval_capacity_factor,
     min_capacity,
     group_size,
     priority,
     capacity_rounding,
     normalize_gates,
-) -> tuple:
-    """The routing arguments of a router-owning layer, checked and in the core's order."""
-    return (
-        _as_int(where, "k", k),
-        _as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
-        _as_factor(where, "eval_capacity_factor", eval_capacity_factor, allow_none=True),
-        _as_int(where, "min_capacity", min_capacity),
-        _as_group_size(where, group_size),
-        _as_str(where, "priority", priority, _PRIORITIES),
-        _as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
-        bool(normalize_gates),
+):
+    """The core's RouteOptions (bound by field name) from checked Python values."""
+    return _core.RouteOptions(
+        k=_as_int(where, "k", k),
+        capacity_factor=_as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
+        min_capacity=_as_int(where, "min_capacity", min_capacity),
+        group_size=_as_group_size(where, group_size),
+        priority=_as_str(where, "priority", priority, _PRIORITIES),
+        capacity_rounding=_as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
+        normalize_gates=bool(normalize_gates),
+    )
+
+
+def _router_options(where, *, eval_capacity_factor, jitter_eps, init_scale, seed, **route):
+    """The core's RouterOptions: routing (see _route_options), eval capacity, jitter, init."""
+    return _core.RouterOptions(
+        route=_route_options(where, **route),
+        eval_capacity_factor=_as_factor(
+            where, "eval_capacity_factor", eval_capacity_factor, allow_none=True
+        ),
+        jitter_eps=_as_factor(where, "jitter_eps", jitter_eps, allow_none=False),
+        init_scale=_as_factor(where, "init_scale", init_scale, allow_none=False),
+        seed=_as_seed(where, seed),
     )
 
 
@@ -121,17 +130,17 @@ def route(
     ValueError
         Bad shapes or values, or non-finite logits (the message names the first bad row).
     """
-    where = "route"
-    return _core.route(
-        logits,
-        _as_int(where, "k", k),
-        _as_factor(where, "capacity_factor", capacity_factor, allow_none=True),
-        _as_int(where, "min_capacity", min_capacity),
-        _as_group_size(where, group_size),
-        _as_str(where, "priority", priority, _PRIORITIES),
-        _as_str(where, "capacity_rounding", capacity_rounding, _ROUNDINGS),
-        bool(normalize_gates),
+    options = _route_options(
+        "route",
+        k,
+        capacity_factor,
+        min_capacity,
+        group_size,
+        priority,
+        capacity_rounding,
+        normalize_gates,
     )
+    return _core.route(logits, options)
 
 
 def route_expert_choice(
@@ -222,29 +231,23 @@ class Router:
         where = "Router"
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"{where}: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        seed = _as_seed(where, seed)
-        jitter = _as_factor(where, "jitter_eps", jitter_eps, allow_none=False)
-        scale = _as_factor(where, "init_scale", init_scale, allow_none=False)
-        if math.isnan(jitter):
-            raise ValueError(f"{where}: jitter_eps must be in [0, 1), got nan")
+        options = _router_options(
+            where,
+            k=k,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+            group_size=group_size,
+            priority=priority,
+            capacity_rounding=capacity_rounding,
+            normalize_gates=normalize_gates,
+            jitter_eps=jitter_eps,
+            init_scale=init_scale,
+            seed=seed,
+        )
         self.dtype = dtype
         self._impl = _core.Router(
-            _as_int(where, "d_model", d_model),
-            _as_int(where, "num_experts", num_experts),
-            *_router_args(
-                where,
-                k,
-                capacity_factor,
-                eval_capacity_factor,
-                min_capacity,
-                group_size,
-                priority,
-                capacity_rounding,
-                normalize_gates,
-            ),
-            jitter,
-            scale,
-            seed,
+            _as_int(where, "d_model", d_model), _as_int(where, "num_experts", num_experts), options
         )
         self.weight = self._impl.weight
         self.params = {"weight": self.weight}

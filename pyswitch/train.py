@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _core
 from . import checkpoint as ckpt
 from .data import ByteCorpus, batch, bits_per_byte, eval_batches
 from .models import SwitchLM, SwitchLMConfig
-from .optim import learning_rate, make_optimizer
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -58,6 +58,7 @@ class TrainOptions:
     resume: bool = False
     log_every: int = 10
     eval_every: int = 200
+    eval_minutes: float | None = 2.0  # also validate after this much wall time (None: off)
     eval_batches: int = 16
     ckpt_every: int = 500
     keep: int = 3
@@ -68,6 +69,18 @@ class TrainOptions:
         if self.lr is not None:
             return self.lr
         return 2e-3 if self.optimizer == "adamw" else 1e-2
+
+
+def _trainer_options(o: TrainOptions):
+    """The C++ Trainer's options (bound by field name) for these training options."""
+    t = _core.TrainerOptions()
+    t.optimizer = o.optimizer
+    t.peak_lr = o.peak_lr()
+    t.warmup_steps = o.warmup_steps
+    t.decay = o.decay
+    t.clip = o.clip
+    t.weight_decay = o.weight_decay
+    return t
 
 
 def _check_options(o: TrainOptions, c: SwitchLMConfig) -> None:
@@ -83,6 +96,8 @@ def _check_options(o: TrainOptions, c: SwitchLMConfig) -> None:
         positive("steps", o.steps)
     if o.minutes is not None and not (o.minutes > 0 and math.isfinite(o.minutes)):
         raise ValueError(f"train: minutes must be > 0, got {o.minutes!r}")
+    if o.eval_minutes is not None and not (o.eval_minutes > 0 and math.isfinite(o.eval_minutes)):
+        raise ValueError(f"train: eval_minutes must be > 0 or None, got {o.eval_minutes!r}")
     if o.steps is None and o.minutes is None:
         raise ValueError("train: give steps or minutes (or both: whichever comes first)")
     if o.batch_size % o.ranks:
@@ -121,11 +136,10 @@ class _Run:
         self.rank = comm.rank if comm else 0
         self.world = comm.size if comm else 1
         self.model = SwitchLM(config, comm)
-        kwargs = {"weight_decay": options.weight_decay}
-        self.opt = make_optimizer(
-            options.optimizer, self.model.params, self.model.decay_params, **kwargs
-        )
-        self.replicated = [n for n in self.model.params if n not in self.model.expert_params]
+        # The whole step (forward, backward, gradient reduction, clipping, schedule, update)
+        # is one C++ call: pyswitch::model::Trainer.
+        self.trainer = _core.Trainer(self.model._impl, _trainer_options(options))
+        self.opt_state = {name: view for name, view, _expert in self.trainer.state()}
         if start_state is not None:
             self._restore(*start_state)
 
@@ -143,7 +157,7 @@ class _Run:
     def gather_tensors(self) -> dict:
         out = {}
         items = [(n, p) for n, p in self.model.params.items()]
-        items += [(f"optim.{k}", v) for k, v in self.opt.state.items()]
+        items += [(f"optim.{k}", v) for k, v in self.opt_state.items()]
         for key, value in items:
             if self.comm is not None and self._is_expert_key(key):
                 gathered = self.comm.all_gather(np.ascontiguousarray(value))
@@ -153,7 +167,7 @@ class _Run:
 
     def _restore(self, tensors: dict, state: dict) -> None:
         targets = dict(self.model.params)
-        targets.update({f"optim.{k}": v for k, v in self.opt.state.items()})
+        targets.update({f"optim.{k}": v for k, v in self.opt_state.items()})
         missing = sorted(set(targets) - set(tensors))
         if missing:
             raise ValueError(f"resume: the checkpoint lacks {missing[:5]} (another model?)")
@@ -168,49 +182,18 @@ class _Run:
                     f"{dst.shape} (another model configuration?)"
                 )
             dst[...] = src
-        self.opt.steps = int(state["optimizer_steps"])
+        self.trainer.optimizer_steps = int(state["optimizer_steps"])
         self.model.training_steps = int(state["model_training_steps"])
 
     # ---- one step --------------------------------------------------------------------------
     def train_step(self, step: int, total_steps: int) -> dict:
+        """One step on this rank's slice of global batch ``step``: a single call into the core
+        (see pyswitch::model::Trainer for the reduction, clipping and update rules)."""
         o = self.options
         tokens = batch(self.corpus.train, o.batch_size, o.seq_len, o.seed, step)
         share = o.batch_size // self.world
         mine = tokens[self.rank * share : (self.rank + 1) * share]
-        loss = self.model.loss_and_grad(mine, loss_tokens=o.batch_size * o.seq_len)
-        grads = self.model.grads
-        sq_replicated = sum(_sumsq(grads[n]) for n in self.replicated)
-        sq_expert = sum(_sumsq(grads[n]) for n in self.model.expert_params)
-        ce = loss["ce"]
-        if self.comm is not None:
-            for name in self.replicated:
-                self.comm.all_reduce(grads[name], out=grads[name])
-            sq_replicated = sum(_sumsq(grads[n]) for n in self.replicated)
-            sq_expert, ce = _sum_over_ranks(self.comm, [sq_expert, ce])
-        norm = math.sqrt(sq_replicated + sq_expert)
-        if math.isfinite(norm) and norm > o.clip:
-            scale = np.float32(o.clip / norm)
-            for g in grads.values():
-                g *= scale
-        lr = learning_rate(step, o.peak_lr(), o.warmup_steps, total_steps, o.decay)
-        if math.isfinite(norm):
-            self.opt.step(grads, lr)
-        stats = self.model.stats()
-        if self.comm is not None and stats:
-            # The logged load and drops are the global batch's, not rank 0's share.
-            counts = np.stack([np.asarray(s["tokens_per_expert"], np.int64) for s in stats])
-            counts = self.comm.all_reduce(counts)
-            drops = _sum_over_ranks(self.comm, [float(s["drop_fraction"]) for s in stats])
-            for s, c, d in zip(stats, counts, drops):
-                s["tokens_per_expert"], s["drop_fraction"] = c, d / self.world
-        return {
-            "ce": ce,
-            "aux": loss["aux"],
-            "z": loss["z"],
-            "grad_norm": norm,
-            "lr": lr,
-            "stats": stats,
-        }
+        return self.trainer.step(mine, step, total_steps, o.batch_size * o.seq_len)
 
     def validate(self) -> float:
         o = self.options
@@ -237,11 +220,6 @@ def _sum_over_ranks(comm, values: list[float]) -> list[float]:
     bits = np.array(values, np.float64).view(np.int64)
     every = comm.all_gather(bits).view(np.float64)
     return [float(sum(every[r, i] for r in range(every.shape[0]))) for i in range(len(values))]
-
-
-def _sumsq(g: np.ndarray) -> float:
-    flat = g.reshape(-1).astype(np.float64)
-    return float(np.dot(flat, flat))
 
 
 def _load_or_write_config(run_dir: Path, config: SwitchLMConfig, options: TrainOptions):
@@ -373,6 +351,10 @@ def _train_rank(
     bar = _progress(o, lead, start_step, total_steps)
     step = start_step
     last_val, last_log_time, last_log_step = None, time.monotonic(), step
+    # Validation also runs every eval_minutes of wall time, so a slow machine's timed run
+    # still gets a validation curve.
+    eval_interval = None if o.eval_minutes is None else 60.0 * o.eval_minutes
+    last_eval_time = time.monotonic()
     try:
         while True:
             if total_steps is None and step - start_step == 3:
@@ -386,7 +368,12 @@ def _train_rank(
                     bar.total = total_steps
             if total_steps is not None and step >= total_steps:
                 break
-            if deadline is not None and _stop_for_time(comm, deadline):
+            now = time.monotonic()
+            stop = deadline is not None and now >= deadline
+            due = eval_interval is not None and now - last_eval_time >= eval_interval
+            if comm is not None and (deadline is not None or eval_interval is not None):
+                stop, due = _agree(comm, stop, due)
+            if stop:
                 break
             info = run.train_step(step, total_steps or max(step + 1, o.warmup_steps * 10))
             step += 1
@@ -396,8 +383,9 @@ def _train_rank(
                 tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, step
                 record = _record(step, info, tok_s, now - started)
-            if step % o.eval_every == 0:
+            if step % o.eval_every == 0 or due:
                 last_val = run.validate()
+                last_eval_time = time.monotonic()
                 record = record or _record(step, info, None, time.monotonic() - started)
                 record["val_loss"] = last_val
                 record["val_bpb"] = bits_per_byte(last_val)
@@ -458,12 +446,11 @@ def _train_rank(
     return summary
 
 
-def _stop_for_time(comm, deadline: float) -> bool:
-    stop = time.monotonic() >= deadline
-    if comm is None:
-        return stop
-    # Every rank must stop at the same step: rank 0 decides.
-    return bool(comm.broadcast(np.array([int(stop)], np.int64))[0])
+def _agree(comm, stop: bool, validate: bool) -> tuple[bool, bool]:
+    """Rank 0's decisions (stop for time, validate for time), so every rank takes them at the
+    same step."""
+    flags = comm.broadcast(np.array([int(stop), int(validate)], np.int64))
+    return bool(flags[0]), bool(flags[1])
 
 
 def _record(step, info, tok_s, wall) -> dict:
@@ -525,7 +512,7 @@ def _save(run, run_dir, step, elapsed, lead):
         return
     state = {
         "optimizer": run.options.optimizer,
-        "optimizer_steps": run.opt.steps,
+        "optimizer_steps": run.trainer.optimizer_steps,
         "model_training_steps": run.model.training_steps,
         "data_seed": run.options.seed,
         "elapsed_s": elapsed,

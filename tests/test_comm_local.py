@@ -1237,3 +1237,23 @@ def test_bad_input(case):
 
 def test_bad_inputs_do_not_crash_the_interpreter():
     run_cases_in_child("test_comm_local", "BAD_CASES")
+
+
+@pytest.mark.parametrize(
+    ("threads", "world", "expect"),
+    [(4, 3, [2, 1, 1]), (2, 2, [1, 1]), (2, 4, [1, 1, 1, 1]), (8, 1, [8]), (7, 2, [4, 3])],
+)
+def test_thread_ranks_split_the_pool(threads, world, expect):
+    """Rank r of W gets floor(P / W) threads, one more for the first P mod W ranks, at least 1:
+    W ranks never run W full teams. The share is the rank thread's own; the caller keeps P."""
+    from pyswitch.comm import thread_shares
+
+    assert thread_shares(threads, world) == expect
+    saved = pyswitch.get_num_threads()
+    try:
+        pyswitch.set_num_threads(threads)
+        seen = LocalGroup(world).run(lambda comm: pyswitch.get_num_threads())
+        assert seen == expect
+        assert pyswitch.get_num_threads() == threads
+    finally:
+        pyswitch.set_num_threads(saved)

@@ -1,7 +1,9 @@
 # The C++ example app (cpp/examples/embed, built against an installed SDK by its run.sh) against
 # the Python API: every number it prints is recomputed here and must be equal.
 """The example prints ``key value`` lines: a SwitchFFN training step (routing counts, output and
-gradient sums in index order, losses), the same step expert-parallel on 2 thread ranks, and,
+gradient sums in index order, losses), the same step expert-parallel on 2 thread ranks, a few
+steps of a small SwitchLM trained with the C++ Trainer (loss, norm and rate per step; parameter
+and optimizer-state sums), and,
 given a ``pyswitch train`` run, the loaded checkpoint's validation loss and greedy generation.
 Each is recomputed with the Python API (same seed, same inputs) and compared exactly: both run
 the same core, so the only allowed difference would be a bug in the C++ SDK's own code (the
@@ -20,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pyswitch import _core
 from pyswitch.comm import LocalGroup
 from pyswitch.data import ByteCorpus
 from pyswitch.layers import SwitchFFN
-from pyswitch.models import SwitchLMConfig
+from pyswitch.models import SwitchLM, SwitchLMConfig
 from pyswitch.train import TrainOptions, evaluate, load_model, train
 
 EXE = os.environ.get("PYSWITCH_EMBED_EXE", "")
@@ -142,6 +145,30 @@ def test_expert_parallel_step_matches_python(example_output):
     assert float(out["ep.router_grad_sum_max_abs_diff"]) == pytest.approx(
         float(np.abs(router.astype(np.float64) - one["router"]).max()), abs=1e-12
     )
+
+
+def test_trainer_steps_match_python(example_output):
+    """The example's training loop, rebuilt with the Python API on the same core: bit for bit."""
+    out = example_output
+    steps, rows, seq = 4, 4, 16
+    model = SwitchLM(
+        SwitchLMConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, num_experts=4, seed=5)
+    )
+    options = _core.TrainerOptions()
+    options.warmup_steps = 2
+    options.clip = 0.5
+    trainer = _core.Trainer(model._impl, options)
+    r, t = np.arange(rows)[:, None], np.arange(seq + 1)[None, :]
+    for step in range(steps):
+        tokens = ((step * 1009 + r * 97 + t * 31) % 251).astype(np.int32)
+        info = trainer.step(tokens, step, steps, rows * seq)
+        for key in ("ce", "grad_norm", "lr"):
+            assert float(out[f"train.step{step}.{key}"]) == info[key], (step, key)
+    params = sum(ordered_sum(p) for p in model.params.values())
+    state = sum(ordered_sum(view) for _, view, _ in trainer.state())
+    assert float(out["train.param_sum"]) == params
+    assert float(out["train.optimizer_state_sum"]) == state
+    assert int(out["train.optimizer_steps"]) == steps
 
 
 @pytest.fixture(scope="module")

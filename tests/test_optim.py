@@ -40,6 +40,13 @@ from pyswitch.optim import (
     make_optimizer,
 )
 
+
+def _adamw_core(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decay):
+    """The core's adamw_step, hyperparameters given as an AdamWOptions (bound by field name)."""
+    options = _core.AdamWOptions(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    _core.adamw_step(param, grad, m, v, step=step, lr=lr, options=options, decay=decay)
+
+
 STATE_RTOL = 1e-5
 
 
@@ -97,7 +104,7 @@ def test_adamw_matches_reference_over_steps(hyper, decay):
     for t in range(1, 11):
         g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 2)).astype(np.float32)
         g[0, :3] = 0.0  # zero gradients: the update is m / (sqrt(v) + eps)
-        _core.adamw_step(
+        _adamw_core(
             p, g, m, v, t, lr, hyper["beta1"], hyper["beta2"], hyper["eps"],
             hyper["weight_decay"], decay,
         )  # fmt: skip
@@ -118,7 +125,7 @@ def test_adamw_first_step_closed_form():
     g = np.array([0.3, -1e-3, 0.0, 5.0], np.float32)
     m, v = np.zeros(4, np.float32), np.zeros(4, np.float32)
     lr, wd = 0.01, 0.1
-    _core.adamw_step(p, g, m, v, 1, lr, 0.9, 0.95, 1e-8, wd, True)
+    _adamw_core(p, g, m, v, 1, lr, 0.9, 0.95, 1e-8, wd, True)
     expected = np.array([1.0, -2.0, 0.5, 3.0]) * (1 - lr * wd) - lr * np.sign([0.3, -1e-3, 0, 5])
     np.testing.assert_allclose(p, expected, atol=2e-6)
 
@@ -151,7 +158,7 @@ def test_adamw_class_decays_only_named_params_and_counts_steps():
 def test_adamw_zero_lr_changes_only_state():
     p = np.ones(6, np.float32)
     m, v = np.zeros(6, np.float32), np.zeros(6, np.float32)
-    _core.adamw_step(p, np.full(6, 2.0, np.float32), m, v, 1, 0.0, 0.9, 0.95, 1e-8, 0.1, True)
+    _adamw_core(p, np.full(6, 2.0, np.float32), m, v, 1, 0.0, 0.9, 0.95, 1e-8, 0.1, True)
     assert np.all(p == 1.0)
     np.testing.assert_allclose(m, 0.2, rtol=1e-6)
     np.testing.assert_allclose(v, 0.2, rtol=1e-6)
@@ -193,9 +200,14 @@ class AdafactorRef:
 
 
 def _adafactor_call(p, g, state, shape, t, lr, decay_rate=0.8, eps=1e-30, clip=1.0, wd=0.0):
-    _core.adafactor_step(
-        p, g, state["row"], state["col"], state["full"], *shape, t, lr, decay_rate, eps, clip, wd
+    batches, rows, cols = shape
+    options = _core.AdafactorOptions(
+        decay_rate=decay_rate, eps=eps, clip_threshold=clip, weight_decay=wd
     )
+    _core.adafactor_step(
+        p, g, state["row"], state["col"], state["full"], batches=batches, rows=rows, cols=cols,
+        step=t, lr=lr, options=options,
+    )  # fmt: skip
 
 
 def _adafactor_state(shape):
@@ -481,7 +493,7 @@ def test_adamw_non_contiguous_inplace_array_raises(which):
     big = np.ones(12, np.float32) * (5.0 if which == 0 else 0.0)
     args[which] = big[::2]
     with pytest.raises(ValueError, match="contiguous"):
-        _core.adamw_step(*args, 1, 0.1, 0.9, 0.95, 1e-8, 0.1, True)
+        _adamw_core(*args, 1, 0.1, 0.9, 0.95, 1e-8, 0.1, True)
     assert np.all(big == (5.0 if which == 0 else 0.0))
 
 
@@ -497,9 +509,9 @@ def test_adamw_class_non_contiguous_param_raises():
 def test_adamw_non_contiguous_grad_is_read_correctly():
     g = np.arange(12, dtype=np.float32).reshape(3, 4) - 5
     a, b = _adamw_args(12), _adamw_args(12)
-    _core.adamw_step(a[0], np.ascontiguousarray(g.T).ravel(), a[2], a[3], 1, 0.1, 0.9, 0.95,
+    _adamw_core(a[0], np.ascontiguousarray(g.T).ravel(), a[2], a[3], 1, 0.1, 0.9, 0.95,
                      1e-8, 0.0, False)  # fmt: skip
-    _core.adamw_step(b[0], g.T, b[2], b[3], 1, 0.1, 0.9, 0.95, 1e-8, 0.0, False)
+    _adamw_core(b[0], g.T, b[2], b[3], 1, 0.1, 0.9, 0.95, 1e-8, 0.0, False)
     assert_bits_equal(b[0], a[0], "strided grad")
 
 
@@ -509,7 +521,7 @@ def test_adamw_bad_arguments():
         kw = dict(step=1, lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, decay=True)
         args.update(kw)
         args.update(change)
-        _core.adamw_step(**args)
+        _adamw_core(**args)
 
     call()
     with pytest.raises(TypeError, match="float32"):

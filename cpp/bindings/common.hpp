@@ -117,25 +117,6 @@ struct PyRouter {
   std::mutex mutex;
 };
 
-inline moe::RouteOptions route_options(int64_t k, std::optional<double> capacity_factor,
-                                       int64_t min_capacity, std::optional<int64_t> group_size,
-                                       const std::string& priority, const std::string& rounding,
-                                       bool normalize_gates) {
-  moe::RouteOptions o;
-  o.k = k;
-  o.capacity_factor = capacity_factor;
-  o.min_capacity = min_capacity;
-  if (group_size) {
-    PYSWITCH_CHECK_ARG(*group_size >= 1, "route: group_size must be positive (or None), got ",
-                       *group_size);
-    o.group_size = *group_size;
-  }
-  o.priority = moe::parse_priority(priority);
-  o.capacity_rounding = moe::parse_capacity_rounding(rounding);
-  o.normalize_gates = normalize_gates;
-  return o;
-}
-
 // float32 or bfloat16, as DType; TypeError otherwise.
 inline DType activation_dtype(const char* where, const char* name, const py::array& a) {
   if (is_float32(a)) return DType::float32;
@@ -233,6 +214,24 @@ inline py::array inplace_f32(const char* where, const char* name, const py::hand
 }
 
 using PySwitchLM = Locked<model::SwitchLM>;
+
+// A training batch: tokens (batch, seq_len + 1) int32 (inputs [:, :S], targets [:, 1:]).
+struct TokenBatch {
+  py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens;
+  int64_t rows = 0, S = 0;
+};
+
+inline TokenBatch token_batch(const char* where, py::handle obj) {
+  TokenBatch batch{as_contiguous(where, "tokens", obj)};
+  if (batch.tokens.ndim() != 2 || batch.tokens.shape(1) < 2) {
+    throw InvalidArgument(detail::concat(
+        where, ": tokens must have shape (batch, seq_len + 1) with seq_len >= 1, got ",
+        shape_of(batch.tokens)));
+  }
+  batch.rows = batch.tokens.shape(0);
+  batch.S = batch.tokens.shape(1) - 1;
+  return batch;
+}
 
 inline DType parse_dtype(const std::string& where, const std::string& name) {
   if (name == "float32") return DType::float32;
@@ -353,6 +352,8 @@ void bind_bf16(py::module_& m);
 void bind_moe(py::module_& m);
 void bind_layers(py::module_& m);
 void bind_model(py::module_& m);
+void bind_train(py::module_& m);
+void bind_options(py::module_& m);
 void bind_comm(py::module_& m);
 
 }  // namespace pyswitch::bindings

@@ -51,39 +51,15 @@ void bind_layers(py::module_& m) {
       });
 
   py::class_<PySwitchFFN>(m, "SwitchFFN")
-      .def(py::init([](int64_t d_model, int64_t d_ff, int64_t num_experts, int64_t k,
-                       std::optional<double> capacity_factor,
-                       std::optional<double> eval_capacity_factor, int64_t min_capacity,
-                       std::optional<int64_t> group_size, const std::string& priority,
-                       const std::string& capacity_rounding, bool normalize_gates,
-                       const std::string& activation, bool use_bias, double expert_dropout,
-                       const std::string& dtype, double aux_loss_coef, double z_loss_coef,
-                       double jitter_eps, double init_scale, uint64_t seed,
-                       comm::Communicator* communicator) {
-             moe::SwitchFFNOptions o;
-             o.router.route = route_options(k, capacity_factor, min_capacity, group_size, priority,
-                                            capacity_rounding, normalize_gates);
-             o.router.eval_capacity_factor = eval_capacity_factor;
-             o.router.jitter_eps = jitter_eps;
-             o.router.init_scale = init_scale;
-             o.router.seed = seed;
-             o.activation = moe::parse_activation(activation);
-             o.use_bias = use_bias;
-             o.expert_dropout = expert_dropout;
-             o.dtype = parse_dtype("SwitchFFN", dtype);
-             o.aux_loss_coef = aux_loss_coef;
-             o.z_loss_coef = z_loss_coef;
-             return std::make_unique<PySwitchFFN>(d_model, d_ff, num_experts, o, communicator);
+      .def(py::init([](int64_t d_model, int64_t d_ff, int64_t num_experts,
+                       const moe::SwitchFFNOptions& options, comm::Communicator* communicator) {
+             return std::make_unique<PySwitchFFN>(d_model, d_ff, num_experts, options,
+                                                  communicator);
            }),
-           py::arg("d_model"), py::arg("d_ff"), py::arg("num_experts"), py::arg("k"),
-           py::arg("capacity_factor"), py::arg("eval_capacity_factor"), py::arg("min_capacity"),
-           py::arg("group_size"), py::arg("priority"), py::arg("capacity_rounding"),
-           py::arg("normalize_gates"), py::arg("activation"), py::arg("use_bias"),
-           py::arg("expert_dropout"), py::arg("dtype"), py::arg("aux_loss_coef"),
-           py::arg("z_loss_coef"), py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"),
+           py::arg("d_model"), py::arg("d_ff"), py::arg("num_experts"), py::arg("options"),
            py::arg("comm").none(true),
            // The layer holds the communicator (and through it its group) by pointer.
-           py::keep_alive<1, 22>())
+           py::keep_alive<1, 6>())
       .def("tensors",
            [](py::object self, bool grads) {
              moe::SwitchFFN& l = self.cast<PySwitchFFN&>().layer;
@@ -133,19 +109,8 @@ void bind_layers(py::module_& m) {
       });
 
   py::class_<PyDenseFFN>(m, "DenseFFN")
-      .def(py::init([](int64_t d_model, int64_t d_ff, const std::string& activation, bool use_bias,
-                       double dropout, const std::string& dtype, double init_scale, uint64_t seed) {
-             moe::DenseFFNOptions o;
-             o.activation = moe::parse_activation(activation);
-             o.use_bias = use_bias;
-             o.dropout = dropout;
-             o.dtype = parse_dtype("DenseFFN", dtype);
-             o.init_scale = init_scale;
-             o.seed = seed;
-             return std::make_unique<PyDenseFFN>(d_model, d_ff, o);
-           }),
-           py::arg("d_model"), py::arg("d_ff"), py::arg("activation"), py::arg("use_bias"),
-           py::arg("dropout"), py::arg("dtype"), py::arg("init_scale"), py::arg("seed"))
+      .def(py::init<int64_t, int64_t, const moe::DenseFFNOptions&>(), py::arg("d_model"),
+           py::arg("d_ff"), py::arg("options"))
       .def("tensors",
            [](py::object self, bool grads) {
              moe::DenseFFN& l = self.cast<PyDenseFFN&>().layer;

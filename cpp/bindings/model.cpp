@@ -7,40 +7,12 @@ namespace pyswitch::bindings {
 void bind_model(py::module_& m) {
   // ---- language model and optimizers -----------------------------------------------------------
   py::class_<PySwitchLM>(m, "SwitchLM")
-      .def(py::init([](int64_t vocab_size, int64_t d_model, int64_t num_layers, int64_t num_heads,
-                       int64_t d_ff, int64_t num_experts, int64_t k,
-                       std::optional<double> capacity_factor,
-                       std::optional<double> eval_capacity_factor, int64_t expert_every,
-                       const std::string& dtype, double aux_loss_coef, double z_loss_coef,
-                       double jitter_eps, double init_scale, double rope_base, double norm_eps,
-                       uint64_t seed, comm::Communicator* communicator) {
-             model::SwitchLMConfig c;
-             c.vocab_size = vocab_size;
-             c.d_model = d_model;
-             c.num_layers = num_layers;
-             c.num_heads = num_heads;
-             c.d_ff = d_ff;
-             c.num_experts = num_experts;
-             c.k = k;
-             c.capacity_factor = capacity_factor;
-             c.eval_capacity_factor = eval_capacity_factor;
-             c.expert_every = expert_every;
-             c.dtype = parse_dtype("SwitchLM", dtype);
-             c.aux_loss_coef = aux_loss_coef;
-             c.z_loss_coef = z_loss_coef;
-             c.jitter_eps = jitter_eps;
-             c.init_scale = init_scale;
-             c.rope_base = rope_base;
-             c.norm_eps = norm_eps;
-             c.seed = seed;
-             return std::make_unique<PySwitchLM>(c, communicator);
+      .def(py::init([](const model::SwitchLMConfig& config, comm::Communicator* communicator) {
+             return std::make_unique<PySwitchLM>(config, communicator);
            }),
-           py::arg("vocab_size"), py::arg("d_model"), py::arg("num_layers"), py::arg("num_heads"),
-           py::arg("d_ff"), py::arg("num_experts"), py::arg("k"), py::arg("capacity_factor"),
-           py::arg("eval_capacity_factor"), py::arg("expert_every"), py::arg("dtype"),
-           py::arg("aux_loss_coef"), py::arg("z_loss_coef"), py::arg("jitter_eps"),
-           py::arg("init_scale"), py::arg("rope_base"), py::arg("norm_eps"), py::arg("seed"),
-           py::arg("comm").none(true), py::keep_alive<1, 20>())
+           py::arg("config"), py::arg("comm").none(true),
+           // The model holds the communicator by pointer.
+           py::keep_alive<1, 3>())
       .def("parameters",
            [](py::object self) {
              model::SwitchLM& lm = self.cast<PySwitchLM&>().layer;
@@ -55,16 +27,9 @@ void bind_model(py::module_& m) {
           "step",
           [](PySwitchLM& w, py::handle tokens_obj, bool training, bool backward,
              int64_t loss_tokens) {
-            py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens =
-                as_contiguous("SwitchLM.step", "tokens", tokens_obj);
-            if (tokens.ndim() != 2 || tokens.shape(1) < 2) {
-              throw InvalidArgument(detail::concat(
-                  "SwitchLM.step: tokens must have shape (batch, seq_len + 1) with seq_len >= 1, "
-                  "got ",
-                  shape_of(tokens)));
-            }
-            const int64_t B = tokens.shape(0), S = tokens.shape(1) - 1;
-            const int32_t* ids = tokens.data();
+            const TokenBatch batch = token_batch("SwitchLM.step", tokens_obj);
+            const int32_t* ids = batch.tokens.data();
+            const int64_t B = batch.rows, S = batch.S;
             const model::LossParts loss = locked_without_gil(
                 w.mutex, [&] { return w.layer.step(ids, B, S, training, backward, loss_tokens); });
             py::dict out;
@@ -108,7 +73,7 @@ void bind_model(py::module_& m) {
   m.def(
       "adamw_step",
       [](py::handle param, py::handle grad, py::handle m1, py::handle m2, int64_t step, double lr,
-         double beta1, double beta2, double eps, double weight_decay, bool decay) {
+         const optim::AdamWOptions& o, bool decay) {
         const char* where = "adamw_step";
         py::array p = inplace_f32(where, "param", param), a = inplace_f32(where, "m", m1),
                   b = inplace_f32(where, "v", m2);
@@ -118,7 +83,6 @@ void bind_model(py::module_& m) {
                                                "size, got ", p.size(), ", ", g.size(), ", ",
                                                a.size(), ", ", b.size()));
         }
-        optim::AdamWOptions o{beta1, beta2, eps, weight_decay};
         float* pd = static_cast<float*>(p.mutable_data());
         const float* gd = static_cast<const float*>(g.data());
         float* ad = static_cast<float*>(a.mutable_data());
@@ -127,14 +91,13 @@ void bind_model(py::module_& m) {
         py::gil_scoped_release release;
         optim::adamw_step(pd, gd, ad, bd, n, step, lr, o, decay);
       },
-      py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("step"), py::arg("lr"),
-      py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-      py::arg("decay"));
+      py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::kw_only(), py::arg("step"),
+      py::arg("lr"), py::arg("options"), py::arg("decay"));
   m.def(
       "adafactor_step",
       [](py::handle param, py::handle grad, py::handle row, py::handle col, py::handle full,
-         int64_t batches, int64_t rows, int64_t cols, int64_t step, double lr, double decay_rate,
-         double eps, double clip_threshold, double weight_decay) {
+         int64_t batches, int64_t rows, int64_t cols, int64_t step, double lr,
+         const optim::AdafactorOptions& o) {
         const char* where = "adafactor_step";
         optim::AdafactorShape shape{batches, rows, cols};
         py::array p = inplace_f32(where, "param", param);
@@ -148,7 +111,6 @@ void bind_model(py::module_& m) {
           throw InvalidArgument(detail::concat(where, ": sizes do not match the shape (", batches,
                                                ", ", rows, ", ", cols, ")"));
         }
-        optim::AdafactorOptions o{decay_rate, eps, clip_threshold, weight_decay};
         float* pd = static_cast<float*>(p.mutable_data());
         const float* gd = static_cast<const float*>(g.data());
         float* rd = static_cast<float*>(r.mutable_data());
@@ -158,9 +120,8 @@ void bind_model(py::module_& m) {
         optim::adafactor_step(pd, gd, rd, cd, fd, shape, step, lr, o);
       },
       py::arg("param"), py::arg("grad"), py::arg("row_state"), py::arg("col_state"),
-      py::arg("full_state"), py::arg("batches"), py::arg("rows"), py::arg("cols"), py::arg("step"),
-      py::arg("lr"), py::arg("decay_rate"), py::arg("eps"), py::arg("clip_threshold"),
-      py::arg("weight_decay"));
+      py::arg("full_state"), py::kw_only(), py::arg("batches"), py::arg("rows"), py::arg("cols"),
+      py::arg("step"), py::arg("lr"), py::arg("options"));
   m.def("clip_by_global_norm", [](py::list arrays, double max_norm) {
     std::vector<std::pair<float*, int64_t>> tensors;
     std::vector<py::array> keep;
@@ -172,7 +133,7 @@ void bind_model(py::module_& m) {
     return optim::clip_by_global_norm(tensors, max_norm);
   });
   m.def("learning_rate", &optim::learning_rate, py::arg("step"), py::arg("peak"),
-        py::arg("warmup_steps"), py::arg("total_steps"), py::arg("decay"),
+        py::arg("warmup_steps"), py::arg("total_steps"), py::arg("decay"), py::kw_only(),
         py::arg("final_fraction") = 0.1);
 }
 

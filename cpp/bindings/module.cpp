@@ -73,10 +73,13 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);
+  m.def("set_thread_share", &set_thread_share, py::arg("n"));
 
+  bind_options(m);
   bind_bf16(m);
   bind_moe(m);
   bind_layers(m);
   bind_model(m);
+  bind_train(m);
   bind_comm(m);
 }

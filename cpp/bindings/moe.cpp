@@ -48,21 +48,15 @@ void bind_moe(py::module_& m) {
 
   m.def(
       "route",
-      [](py::handle logits_obj, int64_t k, std::optional<double> capacity_factor,
-         int64_t min_capacity, std::optional<int64_t> group_size, const std::string& priority,
-         const std::string& capacity_rounding, bool normalize_gates) {
+      [](py::handle logits_obj, const moe::RouteOptions& options) {
         py::array logits = float32_array("route", "logits", logits_obj);
         require_ndim("route", "logits", logits, 2, "(tokens, experts)");
-        const moe::RouteOptions o = route_options(k, capacity_factor, min_capacity, group_size,
-                                                  priority, capacity_rounding, normalize_gates);
         const float* data = static_cast<const float*>(logits.data());
         const int64_t T = logits.shape(0), E = logits.shape(1);
         py::gil_scoped_release release;
-        return moe::route(data, T, E, o);
+        return moe::route(data, T, E, options);
       },
-      py::arg("logits"), py::arg("k"), py::arg("capacity_factor"), py::arg("min_capacity"),
-      py::arg("group_size"), py::arg("priority"), py::arg("capacity_rounding"),
-      py::arg("normalize_gates"));
+      py::arg("logits"), py::arg("options"));
 
   py::class_<moe::ExpertChoicePlan>(m, "ExpertChoicePlan")
       .def_readonly("num_tokens", &moe::ExpertChoicePlan::num_tokens)
@@ -108,25 +102,8 @@ void bind_moe(py::module_& m) {
       py::arg("logits"), py::arg("capacity_factor"), py::arg("group_size"));
 
   py::class_<PyRouter>(m, "Router")
-      .def(py::init([](int64_t d_model, int64_t num_experts, int64_t k,
-                       std::optional<double> capacity_factor,
-                       std::optional<double> eval_capacity_factor, int64_t min_capacity,
-                       std::optional<int64_t> group_size, const std::string& priority,
-                       const std::string& capacity_rounding, bool normalize_gates,
-                       double jitter_eps, double init_scale, uint64_t seed) {
-             moe::RouterOptions o;
-             o.route = route_options(k, capacity_factor, min_capacity, group_size, priority,
-                                     capacity_rounding, normalize_gates);
-             o.eval_capacity_factor = eval_capacity_factor;
-             o.jitter_eps = jitter_eps;
-             o.init_scale = init_scale;
-             o.seed = seed;
-             return std::make_unique<PyRouter>(d_model, num_experts, o);
-           }),
-           py::arg("d_model"), py::arg("num_experts"), py::arg("k"), py::arg("capacity_factor"),
-           py::arg("eval_capacity_factor"), py::arg("min_capacity"), py::arg("group_size"),
-           py::arg("priority"), py::arg("capacity_rounding"), py::arg("normalize_gates"),
-           py::arg("jitter_eps"), py::arg("init_scale"), py::arg("seed"))
+      .def(py::init<int64_t, int64_t, const moe::RouterOptions&>(), py::arg("d_model"),
+           py::arg("num_experts"), py::arg("options"))
       .def_property_readonly("d_model", [](PyRouter& r) { return r.router.d_model(); })
       .def_property_readonly("num_experts", [](PyRouter& r) { return r.router.num_experts(); })
       .def_property_readonly("weight",

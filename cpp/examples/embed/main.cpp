@@ -1,7 +1,8 @@
 // pyswitch_embed: the C++ SDK used the way a host application would, with no Python anywhere.
 // 1. builds a SwitchFFN, routes a batch, runs forward and backward;
 // 2. runs the same step expert-parallel on 2 thread ranks and checks it equals step 1 bit for bit;
-// 3. with --run, loads the newest checkpoint of a `pyswitch train` run, computes the validation
+// 3. trains a small SwitchLM for a few steps with the Trainer (one call per step);
+// 4. with --run, loads the newest checkpoint of a `pyswitch train` run, computes the validation
 //    loss over a byte file (--val) and generates bytes greedily.
 // Output is "key value" lines; tests/test_embed_example.py recomputes every value with the Python
 // API and requires equality.
@@ -22,6 +23,7 @@
 #include "pyswitch/log.hpp"
 #include "pyswitch/model/checkpoint.hpp"
 #include "pyswitch/model/inference.hpp"
+#include "pyswitch/model/trainer.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
 
 namespace {
@@ -166,6 +168,64 @@ void expert_parallel_demo(const Step& one_rank) {
     throw pyswitch::Error("expert-parallel step differs from the one-rank step");
 }
 
+// A few training steps of a small language model: the loop `pyswitch train` runs, minus data
+// files and checkpoints. Batch `step` is (kTrainRows, kTrainSeq + 1) bytes any language can
+// rebuild: ((step * 1009 + row * 97 + t * 31) mod 251).
+constexpr int64_t kTrainSteps = 4, kTrainRows = 4, kTrainSeq = 16;
+
+pyswitch::model::SwitchLMConfig train_config() {
+  pyswitch::model::SwitchLMConfig c;
+  c.d_model = 32;
+  c.num_layers = 2;
+  c.num_heads = 2;
+  c.d_ff = 64;
+  c.num_experts = 4;
+  c.seed = 5;
+  return c;
+}
+
+pyswitch::model::TrainerOptions train_options() {
+  pyswitch::model::TrainerOptions o;
+  o.warmup_steps = 2;
+  o.clip = 0.5;  // small enough that clipping happens
+  return o;
+}
+
+void train_demo() {
+  pyswitch::model::SwitchLM model(train_config());
+  pyswitch::model::Trainer trainer(model, train_options());
+  std::vector<int32_t> tokens(size_t(kTrainRows * (kTrainSeq + 1)));
+  for (int64_t step = 0; step < kTrainSteps; ++step) {
+    for (int64_t row = 0; row < kTrainRows; ++row) {
+      for (int64_t t = 0; t <= kTrainSeq; ++t) {
+        tokens[size_t(row * (kTrainSeq + 1) + t)] =
+            int32_t((step * 1009 + row * 97 + t * 31) % 251);
+      }
+    }
+    const pyswitch::model::StepStats stats = trainer.step(
+        tokens.data(), kTrainRows, kTrainSeq, step, kTrainSteps, kTrainRows * kTrainSeq);
+    const std::string key = "train.step" + std::to_string(step);
+    print((key + ".ce").c_str(), stats.ce);
+    print((key + ".grad_norm").c_str(), stats.grad_norm);
+    print((key + ".lr").c_str(), stats.lr);
+  }
+  double params = 0;
+  for (const pyswitch::model::ParamRef& p : model.parameters()) {
+    int64_t n = 1;
+    for (int64_t s : p.shape) n *= s;
+    params += sum(p.data, n);
+  }
+  double state = 0;
+  for (const pyswitch::model::StateRef& s : trainer.state()) {
+    int64_t n = 1;
+    for (int64_t d : s.shape) n *= d;
+    state += sum(s.data, n);
+  }
+  print("train.param_sum", params);
+  print("train.optimizer_state_sum", state);
+  print("train.optimizer_steps", trainer.optimizer_steps());
+}
+
 std::vector<uint8_t> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw pyswitch::InvalidArgument("--val: cannot open '" + path + "'");
@@ -241,6 +301,7 @@ int main(int argc, char** argv) {
                 pyswitch::build_info().blas.c_str());
     const Step one_rank = layer_demo();
     expert_parallel_demo(one_rank);
+    train_demo();
     if (!run_dir.empty()) checkpoint_demo(run_dir, val_path, batches, prompt, new_tokens);
   } catch (const pyswitch::CheckpointError& e) {
     std::fprintf(stderr, "checkpoint error: %s\n", e.what());

@@ -133,12 +133,22 @@ void adafactor_step(float* param, const float* grad, float* row_state, float* co
   });
 }
 
+double sum_of_squares(const float* data, int64_t n) {
+  PYSWITCH_CHECK_ARG(n >= 0, "sum_of_squares: n must be >= 0, got ", n);
+  return blocked_sum(n, [data](int64_t i) { return static_cast<double>(data[i]) * data[i]; });
+}
+
+void scale_in_place(float* data, int64_t n, float factor) {
+  PYSWITCH_CHECK_ARG(n >= 0, "scale_in_place: n must be >= 0, got ", n);
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
+    const int64_t end = std::min(n, (b + 1) * kBlock);
+    for (int64_t i = b * kBlock; i < end; ++i) data[i] *= factor;
+  });
+}
+
 double global_norm(const std::vector<std::pair<const float*, int64_t>>& tensors) {
   double total = 0;
-  for (const auto& [data, n] : tensors) {
-    total +=
-        blocked_sum(n, [data = data](int64_t i) { return static_cast<double>(data[i]) * data[i]; });
-  }
+  for (const auto& [data, n] : tensors) total += sum_of_squares(data, n);
   return std::sqrt(total);
 }
 
@@ -151,12 +161,7 @@ double clip_by_global_norm(const std::vector<std::pair<float*, int64_t>>& tensor
   // A non-finite norm scales nothing: the caller sees it and skips the step.
   if (!std::isfinite(norm) || !(norm > max_norm)) return norm;
   const float scale = static_cast<float>(max_norm / norm);
-  for (const auto& [data, n] : tensors) {
-    detail::parallel_for(detail::ceil_div(n, kBlock), [&, data = data, n = n](int64_t b) {
-      const int64_t end = std::min(n, (b + 1) * kBlock);
-      for (int64_t i = b * kBlock; i < end; ++i) data[i] *= scale;
-    });
-  }
+  for (const auto& [data, n] : tensors) scale_in_place(data, n, scale);
   return norm;
 }
 

@@ -74,6 +74,8 @@ class SwitchLM {
   ~SwitchLM();
 
   const SwitchLMConfig& config() const { return config_; }
+  /// The communicator given at construction (null: one rank).
+  comm::Communicator* communicator() const { return comm_; }
   bool is_switch_layer(int64_t layer) const;
   /// Every parameter, in a fixed order (the same on every rank).
   std::vector<ParamRef> parameters();

@@ -51,7 +51,15 @@ void adafactor_step(float* param, const float* grad, float* row_state, float* co
                     float* full_state, const AdafactorShape& shape, int64_t step, double lr,
                     const AdafactorOptions& options);
 
-/// sqrt(sum of squares) over all the (pointer, count) tensors, in double, in a fixed order.
+/// Sum over i of double(data[i])^2, in fixed blocks (bit-identical for any thread count).
+/// Throws InvalidArgument for n < 0.
+double sum_of_squares(const float* data, int64_t n);
+
+/// data[i] *= factor, in float32. Throws InvalidArgument for n < 0.
+void scale_in_place(float* data, int64_t n, float factor);
+
+/// sqrt(sum of squares) over all the (pointer, count) tensors, in double, in a fixed order
+/// (sum_of_squares of each tensor, added in list order).
 double global_norm(const std::vector<std::pair<const float*, int64_t>>& tensors);
 
 /// Multiplies every tensor by min(1, max_norm / norm); returns the norm before clipping.
