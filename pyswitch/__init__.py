@@ -7,7 +7,7 @@ type). See ``build_info()`` for what this build contains.
 from ml_dtypes import bfloat16
 
 from . import _core, comm
-from ._core import CheckpointError, CommError, CommTimeout, Error
+from ._core import CheckpointError, CommError, CommTimeout, DeviceError, Error
 from .dispatch import (
     DispatchLayout,
     combine,
@@ -39,6 +39,7 @@ __all__ = [
     "CommError",
     "CommTimeout",
     "CheckpointError",
+    "DeviceError",
     "build_info",
     "cpu_isa",
     "set_cpu_isa",

@@ -17,6 +17,7 @@ PYBIND11_MODULE(_core, m) {
   static py::exception<CommTimeout> comm_timeout_class(m, "CommTimeout", comm_error_class.ptr());
   static py::exception<CheckpointError> checkpoint_error_class(m, "CheckpointError",
                                                                error_class.ptr());
+  static py::exception<DeviceError> device_error_class(m, "DeviceError", error_class.ptr());
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -28,6 +29,8 @@ PYBIND11_MODULE(_core, m) {
       py::set_error(comm_error_class, e.what());
     } catch (const CheckpointError& e) {
       py::set_error(checkpoint_error_class, e.what());
+    } catch (const DeviceError& e) {
+      py::set_error(device_error_class, e.what());
     } catch (const Error& e) {
       py::set_error(error_class, e.what());
     }

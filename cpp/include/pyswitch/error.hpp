@@ -46,6 +46,13 @@ class CheckpointError : public Error {
   using Error::Error;
 };
 
+/// A device was asked for that this build or machine does not have (a CUDA op with no CUDA
+/// backend loaded, or no GPU). Python: pyswitch.DeviceError.
+class DeviceError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 template <typename... Args>
 std::string concat(const Args&... args) {

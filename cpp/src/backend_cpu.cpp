@@ -1,0 +1,397 @@
+// The CPU backend table (the reference) and the registry of backend tables. Each entry checks
+// its views, then calls the CPU implementation of the op (moe/, nn/, optim/, gemm.cpp), which
+// picks the active ISA tier inside.
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <mutex>
+#include <new>
+#include <string>
+
+#include "gemm.hpp"
+#include "pyswitch/backend.hpp"
+#include "pyswitch/error.hpp"
+#include "pyswitch/moe/switch_layer.hpp"
+#include "pyswitch/nn/ops.hpp"
+
+namespace pyswitch {
+namespace {
+
+std::string shape_text(const TensorView& v) {
+  std::string out = "(";
+  for (int i = 0; i < v.ndim && i < kMaxTensorDims; ++i) {
+    if (i) out += ", ";
+    out += std::to_string(v.shape[i]);
+  }
+  return out + (v.ndim == 1 ? ",)" : ")");
+}
+
+// Checks one view of an op: on the CPU, C-contiguous, of an allowed dtype, and of the expected
+// shape (-1 matches any extent). The single place the CPU table validates buffers.
+void require(const char* op, const char* arg, const TensorView& v,
+             std::initializer_list<DType> dtypes, std::initializer_list<int64_t> shape) {
+  PYSWITCH_CHECK_ARG(v.device == Device::cpu, op, ": ", arg, " must be on the cpu, got ",
+                     device_name(v.device));
+  PYSWITCH_CHECK_ARG(v.is_valid() && v.ndim == static_cast<int>(shape.size()), op, ": ", arg,
+                     " must be ", shape.size(), "-D, got ", v.ndim, "-D");
+  int i = 0;
+  for (int64_t extent : shape) {
+    PYSWITCH_CHECK_ARG(v.shape[i] >= 0 && (extent < 0 || v.shape[i] == extent), op, ": ", arg,
+                       " has shape ", shape_text(v), "; dimension ", i, " must be ", extent);
+    ++i;
+  }
+  bool dtype_ok = false;
+  for (DType d : dtypes) dtype_ok = dtype_ok || v.dtype == d;
+  PYSWITCH_CHECK_ARG(dtype_ok, op, ": ", arg, " has an unsupported dtype ", dtype_name(v.dtype));
+  PYSWITCH_CHECK_ARG(v.is_contiguous(), op, ": ", arg, " must be C-contiguous");
+  PYSWITCH_CHECK_ARG(v.data != nullptr || v.numel() == 0, op, ": ", arg, " has no data");
+}
+
+constexpr std::initializer_list<DType> kFloat32 = {DType::float32};
+constexpr std::initializer_list<DType> kCompute = {DType::float32, DType::bfloat16};
+
+void require_same_dtype(const char* op, const char* a_name, const TensorView& a, const char* b_name,
+                        const TensorView& b) {
+  PYSWITCH_CHECK_ARG(a.dtype == b.dtype, op, ": ", a_name, " and ", b_name,
+                     " must share a dtype, got ", dtype_name(a.dtype), " and ",
+                     dtype_name(b.dtype));
+}
+
+void* cpu_allocate(int64_t bytes) {
+  PYSWITCH_CHECK_ARG(bytes >= 0, "allocate: bytes must be >= 0, got ", bytes);
+  if (bytes == 0) return nullptr;
+  const size_t rounded = (static_cast<size_t>(bytes) + 63) / 64 * 64;
+  void* data = std::aligned_alloc(64, rounded);
+  if (data == nullptr) {
+    throw Error(detail::concat("allocate: out of memory for ", bytes, " bytes on the cpu"));
+  }
+  std::memset(data, 0, rounded);
+  return data;
+}
+
+void cpu_release(void* data) {
+  std::free(data);
+}
+
+void cpu_copy(const TensorView& src, const TensorView& dst) {
+  PYSWITCH_CHECK_ARG(src.device == Device::cpu && dst.device == Device::cpu,
+                     "copy: the cpu backend copies host buffers only");
+  require_same_dtype("copy", "src", src, "dst", dst);
+  PYSWITCH_CHECK_ARG(src.numel() == dst.numel(), "copy: src has ", src.numel(), " elements, dst ",
+                     dst.numel());
+  if (src.numel() > 0) std::memmove(dst.data, src.data, static_cast<size_t>(src.nbytes()));
+}
+
+void cpu_convert(const TensorView& src, const TensorView& dst) {
+  require("convert", "src", src, kCompute, {src.numel()});
+  require("convert", "dst", dst, kCompute, {src.numel()});
+  moe::convert_activations(src.data, src.dtype, dst.data, dst.dtype, src.numel());
+}
+
+void cpu_route(const TensorView& logits, const moe::RouteOptions& options, moe::RoutingPlan& plan) {
+  require("route", "logits", logits, kFloat32, {-1, -1});
+  plan = moe::route(logits.as<const float>(), logits.shape[0], logits.shape[1], options);
+}
+
+void cpu_route_backward(const TensorView& logits, const moe::RoutingPlan& plan,
+                        const TensorView& d_gate, double aux_coef, double z_coef,
+                        const TensorView& d_logits) {
+  require("route_backward", "logits", logits, kFloat32, {plan.num_tokens, plan.num_experts});
+  require("route_backward", "d_gate", d_gate, kFloat32, {plan.num_tokens, plan.k});
+  require("route_backward", "d_logits", d_logits, kFloat32, {plan.num_tokens, plan.num_experts});
+  moe::route_backward(logits.as<const float>(), plan, d_gate.as<const float>(), aux_coef, z_coef,
+                      d_logits.as<float>());
+}
+
+void cpu_softmax_rows(const TensorView& logits, const TensorView& probs) {
+  require("softmax_rows", "logits", logits, kFloat32, {-1, -1});
+  require("softmax_rows", "probs", probs, kFloat32, {logits.shape[0], logits.shape[1]});
+  moe::softmax_rows(logits.as<const float>(), logits.shape[0], logits.shape[1], probs.as<float>());
+}
+
+void require_layout_views(const char* op, const char* token_name, const TensorView& tokens,
+                          const char* row_name, const TensorView& rows,
+                          const moe::DispatchLayout& layout) {
+  require(op, token_name, tokens, kCompute, {layout.num_tokens, -1});
+  require(op, row_name, rows, kCompute, {layout.total_rows, tokens.shape[1]});
+  require_same_dtype(op, token_name, tokens, row_name, rows);
+}
+
+void cpu_dispatch(const TensorView& x, const moe::DispatchLayout& layout,
+                  const TensorView& buffer) {
+  require_layout_views("dispatch", "x", x, "buffer", buffer, layout);
+  moe::dispatch(x.data, x.dtype, x.shape[1], layout, buffer.data);
+}
+
+void cpu_combine(const TensorView& expert_out, const moe::DispatchLayout& layout,
+                 const TensorView& gate, const TensorView& y) {
+  require_layout_views("combine", "y", y, "expert_out", expert_out, layout);
+  require("combine", "gate", gate, kFloat32, {layout.num_tokens, layout.k});
+  moe::combine(expert_out.data, y.dtype, y.shape[1], layout, gate.as<const float>(), y.data);
+}
+
+void cpu_combine_backward(const TensorView& dy, const TensorView& expert_out,
+                          const moe::DispatchLayout& layout, const TensorView& gate,
+                          const TensorView& d_expert_out, const TensorView& d_gate) {
+  require_layout_views("combine_backward", "dy", dy, "expert_out", expert_out, layout);
+  require_layout_views("combine_backward", "dy", dy, "d_expert_out", d_expert_out, layout);
+  require("combine_backward", "gate", gate, kFloat32, {layout.num_tokens, layout.k});
+  require("combine_backward", "d_gate", d_gate, kFloat32, {layout.num_tokens, layout.k});
+  moe::combine_backward(dy.data, expert_out.data, dy.dtype, dy.shape[1], layout,
+                        gate.as<const float>(), d_expert_out.data, d_gate.as<float>());
+}
+
+void cpu_dispatch_backward(const TensorView& d_buffer, const moe::DispatchLayout& layout,
+                           const TensorView& dx) {
+  require_layout_views("dispatch_backward", "dx", dx, "d_buffer", d_buffer, layout);
+  moe::dispatch_backward(d_buffer.data, dx.dtype, dx.shape[1], layout, dx.data);
+}
+
+void cpu_experts_forward(const moe::ExpertShape& shape, const moe::ExpertParams& params,
+                         const int64_t* offsets, const TensorView& x, const TensorView& y,
+                         moe::ExpertCache* cache, const moe::DropoutSpec& dropout) {
+  PYSWITCH_CHECK_ARG(offsets != nullptr, "experts_forward: offsets must not be null");
+  const int64_t rows = offsets[shape.num_experts];
+  require("experts_forward", "x", x, kCompute, {rows, shape.d_model});
+  require("experts_forward", "y", y, kCompute, {rows, shape.d_model});
+  require_same_dtype("experts_forward", "x", x, "y", y);
+  moe::experts_forward(shape, params, offsets, x.dtype, x.data, y.data, cache, dropout);
+}
+
+void cpu_experts_backward(const moe::ExpertShape& shape, const moe::ExpertParams& params,
+                          const int64_t* offsets, const TensorView& x, moe::ExpertCache& cache,
+                          const TensorView& dy, const TensorView& dx,
+                          const moe::ExpertGrads& grads) {
+  PYSWITCH_CHECK_ARG(offsets != nullptr, "experts_backward: offsets must not be null");
+  const int64_t rows = offsets[shape.num_experts];
+  for (const auto& [name, view] :
+       {std::pair<const char*, const TensorView*>{"x", &x}, {"dy", &dy}, {"dx", &dx}}) {
+    require("experts_backward", name, *view, {cache.dtype}, {rows, shape.d_model});
+  }
+  moe::experts_backward(shape, params, offsets, x.data, cache, dy.data, dx.data, grads);
+}
+
+void cpu_gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
+              const TensorView& c, float alpha, float beta) {
+  require("gemm", "a", a, kCompute, {-1, -1});
+  require("gemm", "b", b, kCompute, {-1, -1});
+  require_same_dtype("gemm", "a", a, "b", b);
+  const int64_t M = trans_a ? a.shape[1] : a.shape[0];
+  const int64_t K = trans_a ? a.shape[0] : a.shape[1];
+  const int64_t N = trans_b ? b.shape[0] : b.shape[1];
+  PYSWITCH_CHECK_ARG((trans_b ? b.shape[1] : b.shape[0]) == K, "gemm: op(a) is (", M, ", ", K,
+                     ") but op(b) has ", trans_b ? b.shape[1] : b.shape[0], " rows");
+  require("gemm", "c", c, kFloat32, {M, N});
+  PYSWITCH_CHECK_ARG(beta == 0.0f || beta == 1.0f, "gemm: beta must be 0 or 1, got ", beta);
+  detail::gemm(a.dtype, trans_a, trans_b, M, N, K, alpha, a.data, a.shape[1], b.data, b.shape[1],
+               beta, c.as<float>(), N);
+}
+
+void cpu_rmsnorm_forward(const TensorView& x, const TensorView& weight, float eps,
+                         const TensorView& y, const TensorView& inv_rms) {
+  require("rmsnorm_forward", "x", x, kFloat32, {-1, -1});
+  const int64_t T = x.shape[0], d = x.shape[1];
+  require("rmsnorm_forward", "weight", weight, kFloat32, {d});
+  require("rmsnorm_forward", "y", y, kFloat32, {T, d});
+  require("rmsnorm_forward", "inv_rms", inv_rms, kFloat32, {T});
+  nn::rmsnorm_forward(x.as<const float>(), weight.as<const float>(), T, d, eps, y.as<float>(),
+                      inv_rms.as<float>());
+}
+
+void cpu_rmsnorm_backward(const TensorView& dy, const TensorView& x, const TensorView& weight,
+                          const TensorView& inv_rms, const TensorView& dx,
+                          const TensorView& d_weight) {
+  require("rmsnorm_backward", "x", x, kFloat32, {-1, -1});
+  const int64_t T = x.shape[0], d = x.shape[1];
+  require("rmsnorm_backward", "dy", dy, kFloat32, {T, d});
+  require("rmsnorm_backward", "weight", weight, kFloat32, {d});
+  require("rmsnorm_backward", "inv_rms", inv_rms, kFloat32, {T});
+  require("rmsnorm_backward", "dx", dx, kFloat32, {T, d});
+  require("rmsnorm_backward", "d_weight", d_weight, kFloat32, {d});
+  nn::rmsnorm_backward(dy.as<const float>(), x.as<const float>(), weight.as<const float>(),
+                       inv_rms.as<const float>(), T, d, dx.as<float>(), d_weight.as<float>());
+}
+
+double cpu_cross_entropy(const TensorView& logits, const TensorView& targets, float grad_scale,
+                         const TensorView& d_logits) {
+  require("cross_entropy", "logits", logits, kFloat32, {-1, -1});
+  const int64_t T = logits.shape[0], V = logits.shape[1];
+  require("cross_entropy", "targets", targets, {DType::int32}, {T});
+  float* d_out = nullptr;
+  if (d_logits.data != nullptr) {
+    require("cross_entropy", "d_logits", d_logits, kFloat32, {T, V});
+    d_out = d_logits.as<float>();
+  }
+  return nn::cross_entropy(logits.as<const float>(), targets.as<const int32_t>(), T, V, grad_scale,
+                           d_out);
+}
+
+void cpu_adamw_update(const TensorView& param, const TensorView& grad, const TensorView& m,
+                      const TensorView& v, int64_t step, double lr,
+                      const optim::AdamWOptions& options, bool decay) {
+  const int64_t n = param.numel();
+  for (const auto& [name, view] : {std::pair<const char*, const TensorView*>{"param", &param},
+                                   {"grad", &grad},
+                                   {"m", &m},
+                                   {"v", &v}}) {
+    require("adamw_update", name, *view, kFloat32, {view->numel()});
+    PYSWITCH_CHECK_ARG(view->numel() == n, "adamw_update: ", name, " has ", view->numel(),
+                       " elements, param ", n);
+  }
+  optim::adamw_step(param.as<float>(), grad.as<const float>(), m.as<float>(), v.as<float>(), n,
+                    step, lr, options, decay);
+}
+
+void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
+                          const TensorView& row_state, const TensorView& col_state,
+                          const TensorView& full_state, const optim::AdafactorShape& shape,
+                          int64_t step, double lr, const optim::AdafactorOptions& options) {
+  const int64_t n = shape.batches * shape.rows * shape.cols;
+  require("adafactor_update", "param", param, kFloat32, {param.numel()});
+  require("adafactor_update", "grad", grad, kFloat32, {param.numel()});
+  PYSWITCH_CHECK_ARG(param.numel() == n && grad.numel() == n, "adafactor_update: param and grad ",
+                     "must have batches * rows * cols = ", n, " elements, got ", param.numel(),
+                     " and ", grad.numel());
+  auto state = [&](const char* name, const TensorView& view, int64_t expected) -> float* {
+    if (expected == 0) return nullptr;
+    require("adafactor_update", name, view, kFloat32, {expected});
+    return view.as<float>();
+  };
+  optim::adafactor_step(
+      param.as<float>(), grad.as<const float>(), state("row_state", row_state, shape.row_state()),
+      state("col_state", col_state, shape.col_state()),
+      state("full_state", full_state, shape.full_state()), shape, step, lr, options);
+}
+
+double cpu_sum_of_squares(const TensorView& x) {
+  require("sum_of_squares", "x", x, kFloat32, {x.numel()});
+  return optim::sum_of_squares(x.as<const float>(), x.numel());
+}
+
+void cpu_scale(const TensorView& x, float factor) {
+  require("scale", "x", x, kFloat32, {x.numel()});
+  optim::scale_in_place(x.as<float>(), x.numel(), factor);
+}
+
+BackendOps make_cpu_table() {
+  BackendOps t;
+  t.name = "cpu";
+  t.device = Device::cpu;
+  t.allocate = cpu_allocate;
+  t.release = cpu_release;
+  t.copy = cpu_copy;
+  t.convert = cpu_convert;
+  t.route = cpu_route;
+  t.route_backward = cpu_route_backward;
+  t.softmax_rows = cpu_softmax_rows;
+  t.dispatch = cpu_dispatch;
+  t.combine = cpu_combine;
+  t.combine_backward = cpu_combine_backward;
+  t.dispatch_backward = cpu_dispatch_backward;
+  t.experts_forward = cpu_experts_forward;
+  t.experts_backward = cpu_experts_backward;
+  t.gemm = cpu_gemm;
+  t.rmsnorm_forward = cpu_rmsnorm_forward;
+  t.rmsnorm_backward = cpu_rmsnorm_backward;
+  t.cross_entropy = cpu_cross_entropy;
+  t.adamw_update = cpu_adamw_update;
+  t.adafactor_update = cpu_adafactor_update;
+  t.sum_of_squares = cpu_sum_of_squares;
+  t.scale = cpu_scale;
+  return t;
+}
+
+// Every op slot of BackendOps, in declaration order: the list register_backend checks and the
+// backend-ops test walks. A new op is added here and in the struct.
+template <class F>
+void for_each_op(const BackendOps& t, F&& visit) {
+  visit("allocate", t.allocate != nullptr);
+  visit("release", t.release != nullptr);
+  visit("copy", t.copy != nullptr);
+  visit("convert", t.convert != nullptr);
+  visit("route", t.route != nullptr);
+  visit("route_backward", t.route_backward != nullptr);
+  visit("softmax_rows", t.softmax_rows != nullptr);
+  visit("dispatch", t.dispatch != nullptr);
+  visit("combine", t.combine != nullptr);
+  visit("combine_backward", t.combine_backward != nullptr);
+  visit("dispatch_backward", t.dispatch_backward != nullptr);
+  visit("experts_forward", t.experts_forward != nullptr);
+  visit("experts_backward", t.experts_backward != nullptr);
+  visit("gemm", t.gemm != nullptr);
+  visit("rmsnorm_forward", t.rmsnorm_forward != nullptr);
+  visit("rmsnorm_backward", t.rmsnorm_backward != nullptr);
+  visit("cross_entropy", t.cross_entropy != nullptr);
+  visit("adamw_update", t.adamw_update != nullptr);
+  visit("adafactor_update", t.adafactor_update != nullptr);
+  visit("sum_of_squares", t.sum_of_squares != nullptr);
+  visit("scale", t.scale != nullptr);
+}
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::atomic<const BackendOps*>& cuda_table() {
+  static std::atomic<const BackendOps*> table{nullptr};
+  return table;
+}
+
+}  // namespace
+
+const BackendOps& cpu_backend() {
+  static const BackendOps table = make_cpu_table();
+  return table;
+}
+
+const BackendOps& backend(Device device) {
+  if (device == Device::cpu) return cpu_backend();
+  const BackendOps* table = cuda_table().load();
+  if (table == nullptr) {
+    throw DeviceError(
+        "backend: no CUDA backend is loaded (this build or machine has no CUDA device); use "
+        "device='cpu'");
+  }
+  return *table;
+}
+
+const BackendOps* register_backend(const BackendOps& table) {
+  PYSWITCH_CHECK_ARG(table.device != Device::cpu,
+                     "register_backend: the cpu table is the reference and cannot be replaced");
+  for_each_op(table, [&](const char* op, bool present) {
+    PYSWITCH_CHECK_ARG(present, "register_backend: table '", table.name ? table.name : "?",
+                       "' has no '", op, "' op");
+  });
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  return cuda_table().exchange(&table);
+}
+
+int backend_op_count() {
+  int n = 0;
+  for_each_op(cpu_backend(), [&](const char*, bool) { ++n; });
+  return n;
+}
+
+const char* backend_op_name(int index) {
+  int i = 0;
+  const char* found = nullptr;
+  for_each_op(cpu_backend(), [&](const char* op, bool) {
+    if (i++ == index) found = op;
+  });
+  PYSWITCH_CHECK_ARG(found != nullptr, "backend_op_name: index must be in [0, ", backend_op_count(),
+                     "), got ", index);
+  return found;
+}
+
+bool backend_has_op(const BackendOps& table, int index) {
+  int i = 0;
+  bool present = false;
+  for_each_op(table, [&](const char*, bool has) {
+    if (i++ == index) present = has;
+  });
+  return present;
+}
+
+}  // namespace pyswitch
