@@ -1,5 +1,6 @@
 // pyswitch._core bindings: communicators, the collectives and the in-process LocalGroup.
 #include "common.hpp"
+#include "pyswitch/moe/ep_exchange.hpp"
 
 namespace pyswitch::bindings {
 
@@ -13,7 +14,7 @@ void bind_comm(py::module_& m) {
       .def("set_next_call_check", &comm::Communicator::set_next_call_check, py::arg("value"))
       .def("all_to_all",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count) {
-             const auto dt = comm_dtype_of("all_to_all", "x", send);
+             const auto dt = buffer_dtype_of("all_to_all", "x", send);
              require_buffer("all_to_all", "x", send, dt, count * c.size(), false);
              require_buffer("all_to_all", "out", recv, dt, count * c.size(), true);
              py::gil_scoped_release release;
@@ -23,7 +24,7 @@ void bind_comm(py::module_& m) {
            [](comm::Communicator& c, py::array send, std::vector<int64_t> send_counts,
               std::vector<int64_t> send_displs, py::array recv, std::vector<int64_t> recv_counts,
               std::vector<int64_t> recv_displs) {
-             const auto dt = comm_dtype_of("all_to_all_v", "x", send);
+             const auto dt = buffer_dtype_of("all_to_all_v", "x", send);
              const size_t W = static_cast<size_t>(c.size());
              if (send_counts.size() != W || send_displs.size() != W || recv_counts.size() != W ||
                  recv_displs.size() != W) {
@@ -57,7 +58,7 @@ void bind_comm(py::module_& m) {
           // `check` (dtype and trailing shape), then the output is allocated and the rows move.
           [](comm::Communicator& c, py::array x, py::array_t<int64_t, py::array::c_style> rows,
              int64_t per_row, int64_t check, py::object out_obj) {
-            const auto dt = comm_dtype_of("all_to_all_v", "x", x);
+            const auto dt = buffer_dtype_of("all_to_all_v", "x", x);
             const int W = c.size();
             if (rows.ndim() != 1 || rows.shape(0) != W) {
               throw InvalidArgument(
@@ -68,55 +69,42 @@ void bind_comm(py::module_& m) {
             auto send_rows_owner =
                 std::make_unique<std::vector<int64_t>>(rows.data(), rows.data() + W);
             auto recv_rows_owner = std::make_unique<std::vector<int64_t>>(W);
-            std::vector<int64_t>& send_rows = *send_rows_owner;
             std::vector<int64_t>& recv_rows = *recv_rows_owner;
-            {
-              py::gil_scoped_release release;
-              c.set_next_call_check(check);
-              // Reported under the name of the call the user made.
-              try {
-                c.all_to_all(send_rows.data(), recv_rows.data(), 1, comm::CommDType::int64);
-              } catch (const CommTimeout& e) {
-                send_rows_owner.release();
-                recv_rows_owner.release();
-                throw CommTimeout(std::string("all_to_all_v: ") + e.what());
-              } catch (const CommError& e) {
-                send_rows_owner.release();
-                recv_rows_owner.release();
-                throw CommError(std::string("all_to_all_v: ") + e.what());
-              }
-            }
-            std::vector<int64_t> send_counts(W), send_displs(W), recv_counts(W), recv_displs(W);
-            const int64_t sent = comm::packed_row_blocks(send_rows.data(), W, per_row,
-                                                         send_counts.data(), send_displs.data());
-            comm::packed_row_blocks(recv_rows.data(), W, per_row, recv_counts.data(),
-                                    recv_displs.data());
-            PYSWITCH_CHECK_ARG(sent <= x.size(), "all_to_all_v: send_counts add up to ", sent,
-                               " elements but x holds ", x.size());
             std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
-            shape[0] = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
-            // A caller's buffer is used when it fits (checked by the Python wrapper: dtype,
-            // trailing shape, contiguity); it cannot be refused collectively here, so a buffer
-            // that is too small just means a new array.
             std::optional<py::array> out;
-            if (!out_obj.is_none()) {
-              py::array given = py::reinterpret_borrow<py::array>(out_obj);
-              if (given.ndim() >= 1 && given.shape(0) >= shape[0]) {
-                py::slice first_rows(0, static_cast<py::ssize_t>(shape[0]), 1);
-                out = py::reinterpret_borrow<py::array>(
-                    given[py::make_tuple(first_rows, py::ellipsis())]);
+            // Runs between the counts and the rows, with the GIL: the output's size is known
+            // only then.
+            auto allocate = [&](int64_t received, int64_t sent) -> void* {
+              py::gil_scoped_acquire acquire;
+              PYSWITCH_CHECK_ARG(sent <= x.size(), "all_to_all_v: send_counts add up to ", sent,
+                                 " elements but x holds ", x.size());
+              shape[0] = received;
+              // A caller's buffer is used when it fits (checked by the Python wrapper: dtype,
+              // trailing shape, contiguity); it cannot be refused collectively here, so a buffer
+              // that is too small just means a new array.
+              if (!out_obj.is_none()) {
+                py::array given = py::reinterpret_borrow<py::array>(out_obj);
+                if (given.ndim() >= 1 && given.shape(0) >= received) {
+                  py::slice first_rows(0, static_cast<py::ssize_t>(received), 1);
+                  out = py::reinterpret_borrow<py::array>(
+                      given[py::make_tuple(first_rows, py::ellipsis())]);
+                }
               }
-            }
-            if (!out) out = py::array(x.dtype(), shape);
-            const void* send = x.data();
-            void* recv = out->mutable_data();
+              if (!out) out = py::array(x.dtype(), shape);
+              return out->mutable_data();
+            };
             try {
               py::gil_scoped_release release;
-              c.all_to_all_v(send, send_counts.data(), send_displs.data(), recv, recv_counts.data(),
-                             recv_displs.data(), dt);
+              c.set_next_call_check(check);
+              moe::all_to_all_v_rows(c, x.data(), send_rows_owner->data(), per_row, dt,
+                                     recv_rows.data(), allocate);
             } catch (const CommError&) {
-              out->inc_ref();  // the output and the input stay allocated (see above)
-              x.inc_ref();
+              send_rows_owner.release();
+              recv_rows_owner.release();
+              if (out) {
+                out->inc_ref();  // the output and the input stay allocated (see above)
+                x.inc_ref();
+              }
               throw;
             }
             py::array_t<int64_t> recv_rows_array(W);
@@ -128,7 +116,7 @@ void bind_comm(py::module_& m) {
       .def("all_reduce",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count,
               const std::string& op) {
-             const auto dt = comm_dtype_of("all_reduce", "x", send);
+             const auto dt = buffer_dtype_of("all_reduce", "x", send);
              const auto rop = parse_reduce_op("all_reduce", op);
              require_buffer("all_reduce", "x", send, dt, count, false);
              require_buffer("all_reduce", "out", recv, dt, count, true);
@@ -137,7 +125,7 @@ void bind_comm(py::module_& m) {
            })
       .def("all_gather",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count) {
-             const auto dt = comm_dtype_of("all_gather", "x", send);
+             const auto dt = buffer_dtype_of("all_gather", "x", send);
              require_buffer("all_gather", "x", send, dt, count, false);
              require_buffer("all_gather", "out", recv, dt, count * c.size(), true);
              py::gil_scoped_release release;
@@ -146,7 +134,7 @@ void bind_comm(py::module_& m) {
       .def("reduce_scatter",
            [](comm::Communicator& c, py::array send, py::array recv, int64_t count,
               const std::string& op) {
-             const auto dt = comm_dtype_of("reduce_scatter", "x", send);
+             const auto dt = buffer_dtype_of("reduce_scatter", "x", send);
              const auto rop = parse_reduce_op("reduce_scatter", op);
              require_buffer("reduce_scatter", "x", send, dt, count * c.size(), false);
              require_buffer("reduce_scatter", "out", recv, dt, count, true);
@@ -155,7 +143,7 @@ void bind_comm(py::module_& m) {
            })
       .def("broadcast",
            [](comm::Communicator& c, py::array buffer, int64_t count, int root) {
-             const auto dt = comm_dtype_of("broadcast", "x", buffer);
+             const auto dt = buffer_dtype_of("broadcast", "x", buffer);
              require_buffer("broadcast", "x", buffer, dt, count, true);
              py::gil_scoped_release release;
              c.broadcast(buffer.mutable_data(), count, dt, root);

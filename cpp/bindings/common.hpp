@@ -125,9 +125,23 @@ inline DType activation_dtype(const char* where, const char* name, const py::arr
       detail::concat(where, ": ", name, " must be float32 or bfloat16, got ", dtype_of(a)));
 }
 
+// Written out for all four, so that an integer DType cannot turn into a bfloat16 array.
+inline py::dtype numpy_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::float32:
+      return py::dtype::of<float>();
+    case DType::bfloat16:
+      return bfloat16_dtype();
+    case DType::int32:
+      return py::dtype::of<int32_t>();
+    case DType::int64:
+      return py::dtype::of<int64_t>();
+  }
+  throw InvalidArgument(detail::concat("numpy_dtype: unknown DType ", static_cast<int>(dtype)));
+}
+
 inline py::array new_activation(DType dtype, std::vector<py::ssize_t> shape) {
-  return dtype == DType::float32 ? py::array(py::dtype::of<float>(), shape)
-                                 : py::array(bfloat16_dtype(), shape);
+  return py::array(numpy_dtype(dtype), shape);
 }
 
 // An activation array that takes over `data` without a copy: for outputs whose dtype or size
@@ -136,8 +150,7 @@ inline py::array adopt_activation(DType dtype, std::vector<py::ssize_t> shape,
                                   std::unique_ptr<char[]> data) {
   py::capsule owner(data.get(), [](void* p) { delete[] static_cast<char*>(p); });
   char* raw = data.release();  // the capsule frees it from here on
-  return py::array(dtype == DType::float32 ? py::dtype::of<float>() : bfloat16_dtype(), shape, {},
-                   raw, owner);
+  return py::array(numpy_dtype(dtype), shape, {}, raw, owner);
 }
 
 // Shape of a dispatch buffer: (E, G*C, d) for the padded layout, (rows, d) for the packed one.
@@ -312,21 +325,21 @@ inline void add_expert_tensors(py::dict& out, py::handle owner, moe::ExpertWeigh
 }
 
 // ---- collectives helpers ------------------------------------------------------------------
-inline comm::CommDType comm_dtype_of(const char* where, const char* name, const py::array& a) {
-  if (is_float32(a)) return comm::CommDType::float32;
-  if (is_bfloat16(a)) return comm::CommDType::bfloat16;
-  if (a.dtype().equal(py::dtype::of<int32_t>())) return comm::CommDType::int32;
-  if (a.dtype().equal(py::dtype::of<int64_t>())) return comm::CommDType::int64;
+inline DType buffer_dtype_of(const char* where, const char* name, const py::array& a) {
+  if (is_float32(a)) return DType::float32;
+  if (is_bfloat16(a)) return DType::bfloat16;
+  if (a.dtype().equal(py::dtype::of<int32_t>())) return DType::int32;
+  if (a.dtype().equal(py::dtype::of<int64_t>())) return DType::int64;
   throw TypeMismatch(detail::concat(
       where, ": ", name, " must be float32, bfloat16, int32 or int64, got ", dtype_of(a)));
 }
 
 // A C-contiguous buffer argument of `dtype` holding at least `elements` elements.
-inline void require_buffer(const char* where, const char* name, const py::array& a,
-                           comm::CommDType dtype, int64_t elements, bool writeable) {
-  if (comm_dtype_of(where, name, a) != dtype) {
-    throw TypeMismatch(detail::concat(where, ": ", name, " must be ", comm::comm_dtype_name(dtype),
-                                      ", got ", dtype_of(a)));
+inline void require_buffer(const char* where, const char* name, const py::array& a, DType dtype,
+                           int64_t elements, bool writeable) {
+  if (buffer_dtype_of(where, name, a) != dtype) {
+    throw TypeMismatch(
+        detail::concat(where, ": ", name, " must be ", dtype_name(dtype), ", got ", dtype_of(a)));
   }
   if (!(a.flags() & py::array::c_style) || (writeable && !a.writeable())) {
     throw InvalidArgument(detail::concat(where, ": ", name, " must be a ",

@@ -85,6 +85,7 @@ template <typename Loop>
 void run_tiles(DType dtype, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
                float* C, int64_t ldc, int threads, Loop&& loop) {
+  check_floating(dtype, "gemm");
   PYSWITCH_CHECK_ARG(beta == 0.0f || beta == 1.0f, "gemm: beta must be 0 or 1, got ", beta);
   PYSWITCH_CHECK_ARG(M >= 0 && N >= 0 && K >= 0, "gemm: sizes must be >= 0, got M=", M, " N=", N,
                      " K=", K);
@@ -170,6 +171,7 @@ void gemm_onednn_threaded(DType dtype, int64_t M, int64_t N, int64_t K, const vo
 namespace pyswitch {
 
 void matmul(DType dtype, int64_t M, int64_t N, int64_t K, const void* A, const void* B, float* C) {
+  check_floating(dtype, "matmul");
   PYSWITCH_CHECK_ARG(M >= 0 && N >= 0 && K >= 0, "matmul: sizes must be >= 0, got M=", M, " N=", N,
                      " K=", K);
   detail::gemm(dtype, false, false, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N);
@@ -177,6 +179,7 @@ void matmul(DType dtype, int64_t M, int64_t N, int64_t K, const void* A, const v
 
 void matmul_onednn(DType dtype, int64_t M, int64_t N, int64_t K, const void* A, const void* B,
                    float* C) {
+  check_floating(dtype, "matmul");
   PYSWITCH_CHECK_ARG(M >= 0 && N >= 0 && K >= 0, "matmul: sizes must be >= 0, got M=", M, " N=", N,
                      " K=", K);
   detail::gemm_onednn_threaded(dtype, M, N, K, A, B, C);

@@ -48,19 +48,19 @@ TEST(comm_collectives_match_plain_loops) {
       std::vector<float> x(static_cast<size_t>(n * world));
       for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(100 * r + i) * 0.5f;
       std::vector<float> out(x.size());
-      c.all_reduce(x.data(), out.data(), static_cast<int64_t>(x.size()), CommDType::float32,
+      c.all_reduce(x.data(), out.data(), static_cast<int64_t>(x.size()), DType::float32,
                    ReduceOp::sum);
       reduced[r] = out;
       std::vector<float> g(static_cast<size_t>(n * world * world));
-      c.all_gather(x.data(), g.data(), n * world, CommDType::float32);
+      c.all_gather(x.data(), g.data(), n * world, DType::float32);
       gathered[r] = g;
-      c.all_to_all(x.data(), out.data(), n, CommDType::float32);
+      c.all_to_all(x.data(), out.data(), n, DType::float32);
       exchanged[r] = out;
       std::vector<float> part(static_cast<size_t>(n));
-      c.reduce_scatter(x.data(), part.data(), n, CommDType::float32, ReduceOp::max);
+      c.reduce_scatter(x.data(), part.data(), n, DType::float32, ReduceOp::max);
       scattered[r] = part;
       std::vector<float> b = x;
-      c.broadcast(b.data(), static_cast<int64_t>(b.size()), CommDType::float32, world - 1);
+      c.broadcast(b.data(), static_cast<int64_t>(b.size()), DType::float32, world - 1);
       broadcast[r] = b;
       c.barrier();
     });
@@ -89,9 +89,9 @@ TEST(comm_mismatch_timeout_and_failure_raise_on_every_rank) {
                      [](Communicator& c) {
                        float x = 1, y = 0;
                        if (c.rank() == 1) {
-                         c.all_gather(&x, &y, 1, CommDType::float32);
+                         c.all_gather(&x, &y, 1, DType::float32);
                        } else {
-                         c.all_reduce(&x, &y, 1, CommDType::float32, ReduceOp::sum);
+                         c.all_reduce(&x, &y, 1, DType::float32, ReduceOp::sum);
                        }
                      }),
            3);

@@ -25,22 +25,22 @@ TEST(mpi_collectives_match_plain_loops) {
   const int64_t n = 5;
   std::vector<float> x(static_cast<size_t>(n * W)), out(x.size());
   for (int64_t i = 0; i < n * W; ++i) x[static_cast<size_t>(i)] = value(r, i);
-  c.all_reduce(x.data(), out.data(), n * W, CommDType::float32, ReduceOp::sum);
+  c.all_reduce(x.data(), out.data(), n * W, DType::float32, ReduceOp::sum);
   for (int64_t i = 0; i < n * W; ++i) {
     float sum = 0;
     for (int q = 0; q < W; ++q) sum += value(q, i);  // rank order, as the backend promises
     CHECK_EQ(out[static_cast<size_t>(i)], sum);
   }
-  c.all_to_all(x.data(), out.data(), n, CommDType::float32);
+  c.all_to_all(x.data(), out.data(), n, DType::float32);
   for (int q = 0; q < W; ++q) {
     for (int64_t i = 0; i < n; ++i)
       CHECK_EQ(out[static_cast<size_t>(q * n + i)], value(q, r * n + i));
   }
   std::vector<float> part(static_cast<size_t>(n));
-  c.reduce_scatter(x.data(), part.data(), n, CommDType::float32, ReduceOp::max);
+  c.reduce_scatter(x.data(), part.data(), n, DType::float32, ReduceOp::max);
   for (int64_t i = 0; i < n; ++i) CHECK_EQ(part[static_cast<size_t>(i)], value(W - 1, r * n + i));
   std::vector<float> b = x;
-  c.broadcast(b.data(), n * W, CommDType::float32, W - 1);
+  c.broadcast(b.data(), n * W, DType::float32, W - 1);
   for (int64_t i = 0; i < n * W; ++i) CHECK_EQ(b[static_cast<size_t>(i)], value(W - 1, i));
   // all_to_all_v: rank r sends q + 1 elements to rank q.
   std::vector<int64_t> sc(W), sd(W), rc(W), rd(W);
@@ -56,7 +56,7 @@ TEST(mpi_collectives_match_plain_loops) {
   std::vector<int64_t> send(static_cast<size_t>(at)), recv(static_cast<size_t>(rat));
   for (int64_t i = 0; i < at; ++i) send[static_cast<size_t>(i)] = 1000 * r + i;
   c.all_to_all_v(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(),
-                 CommDType::int64);
+                 DType::int64);
   for (int q = 0; q < W; ++q) {
     int64_t first_for_me = 0;
     for (int p = 0; p < r; ++p) first_for_me += p + 1;
@@ -72,7 +72,7 @@ TEST(mpi_mismatch_raises_on_every_rank) {
   std::vector<float> x(4, 1.0f), out(4);
   bool raised = false;
   try {
-    c.all_reduce(x.data(), out.data(), c.rank() == 0 ? 3 : 4, CommDType::float32, ReduceOp::sum);
+    c.all_reduce(x.data(), out.data(), c.rank() == 0 ? 3 : 4, DType::float32, ReduceOp::sum);
   } catch (const CommError& e) {
     raised = std::strstr(e.what(), "disagree") != nullptr;
   }

@@ -1,4 +1,4 @@
-// The collectives' shared pieces: dtype and op names, the call agreement check, the rank-order
+// The collectives' shared pieces: the op names, the call agreement check, the rank-order
 // reduction.
 #include "comm/common.hpp"
 
@@ -30,33 +30,6 @@ T add_wrapping(T a, T b) {
 }
 
 }  // namespace
-
-int64_t comm_dtype_size(CommDType dtype) {
-  switch (dtype) {
-    case CommDType::float32:
-    case CommDType::int32:
-      return 4;
-    case CommDType::bfloat16:
-      return 2;
-    case CommDType::int64:
-      return 8;
-  }
-  return 0;
-}
-
-const char* comm_dtype_name(CommDType dtype) {
-  switch (dtype) {
-    case CommDType::float32:
-      return "float32";
-    case CommDType::bfloat16:
-      return "bfloat16";
-    case CommDType::int32:
-      return "int32";
-    case CommDType::int64:
-      return "int64";
-  }
-  return "unknown";
-}
 
 const char* reduce_op_name(ReduceOp op) {
   switch (op) {
@@ -108,10 +81,9 @@ void check_count(const char* where, int64_t count) {
   PYSWITCH_CHECK_ARG(count >= 0, where, ": count must be >= 0, got ", count);
 }
 
-void check_mean(const char* where, CommDType dtype, ReduceOp op) {
-  PYSWITCH_CHECK_ARG(
-      !(op == ReduceOp::mean && (dtype == CommDType::int32 || dtype == CommDType::int64)), where,
-      ": op 'mean' needs a floating dtype, got ", comm_dtype_name(dtype));
+void check_mean(const char* where, DType dtype, ReduceOp op) {
+  PYSWITCH_CHECK_ARG(!(op == ReduceOp::mean && !is_floating(dtype)), where,
+                     ": op 'mean' needs a floating dtype, got ", dtype_name(dtype));
 }
 
 void check_v_counts(int size, const int64_t* send_counts, const int64_t* send_displs,
@@ -137,8 +109,8 @@ std::string call_disagreement(const std::vector<Call>& calls) {
       problem = detail::concat("rank 0 called ", op_name(first.op), " but rank ", r, " called ",
                                op_name(c.op));
     } else if (c.dtype != first.dtype) {
-      problem = detail::concat("rank 0 passed ", comm_dtype_name(first.dtype), " but rank ", r,
-                               " passed ", comm_dtype_name(c.dtype));
+      problem = detail::concat("rank 0 passed ", dtype_name(first.dtype), " but rank ", r,
+                               " passed ", dtype_name(c.dtype));
     } else if (c.op != Op::all_to_all_v && c.count != first.count) {
       problem = detail::concat("rank 0 passed count ", first.count, " but rank ", r,
                                " passed count ", c.count);
@@ -167,7 +139,7 @@ std::string call_disagreement(const std::vector<Call>& calls) {
 }
 
 void reduce_range(const std::vector<const void*>& sources, const std::vector<void*>& outputs,
-                  int64_t first, int64_t n, CommDType dtype, ReduceOp op) {
+                  int64_t first, int64_t n, DType dtype, ReduceOp op) {
   const int W = static_cast<int>(sources.size());
   constexpr int64_t kBlock = 1024;
   float acc_f[kBlock];
@@ -175,11 +147,11 @@ void reduce_range(const std::vector<const void*>& sources, const std::vector<voi
   for (int64_t b = first; b < first + n; b += kBlock) {
     const int64_t m = std::min(kBlock, first + n - b);
     switch (dtype) {
-      case CommDType::float32:
-      case CommDType::bfloat16: {
+      case DType::float32:
+      case DType::bfloat16: {
         // Branches outside the element loops, so that the compiler vectorises them.
         auto load = [&](int r, float* dst) {
-          if (dtype == CommDType::float32) {
+          if (dtype == DType::float32) {
             std::copy_n(static_cast<const float*>(sources[r]) + b, m, dst);
           } else {
             const bf16* src = static_cast<const bf16*>(sources[r]) + b;
@@ -203,7 +175,7 @@ void reduce_range(const std::vector<const void*>& sources, const std::vector<voi
           for (int64_t i = 0; i < m; ++i) acc_f[i] = acc_f[i] / ranks;
         }
         for (void* out : outputs) {
-          if (dtype == CommDType::float32) {
+          if (dtype == DType::float32) {
             std::copy_n(acc_f, m, static_cast<float*>(out) + b);
           } else {
             bf16* dst = static_cast<bf16*>(out) + b;
@@ -212,18 +184,18 @@ void reduce_range(const std::vector<const void*>& sources, const std::vector<voi
         }
         break;
       }
-      case CommDType::int32:
-      case CommDType::int64: {
+      case DType::int32:
+      case DType::int64: {
         auto load = [&](int r, int64_t i) -> int64_t {
-          return dtype == CommDType::int32 ? static_cast<const int32_t*>(sources[r])[i]
-                                           : static_cast<const int64_t*>(sources[r])[i];
+          return dtype == DType::int32 ? static_cast<const int32_t*>(sources[r])[i]
+                                       : static_cast<const int64_t*>(sources[r])[i];
         };
         for (int64_t i = 0; i < m; ++i) acc_i[i] = load(0, b + i);
         for (int r = 1; r < W; ++r) {
           for (int64_t i = 0; i < m; ++i) {
             const int64_t v = load(r, b + i);
             if (op == ReduceOp::sum) {
-              acc_i[i] = dtype == CommDType::int32
+              acc_i[i] = dtype == DType::int32
                              ? add_wrapping<int32_t, uint32_t>(static_cast<int32_t>(acc_i[i]),
                                                                static_cast<int32_t>(v))
                              : add_wrapping<int64_t, uint64_t>(acc_i[i], v);
@@ -234,7 +206,7 @@ void reduce_range(const std::vector<const void*>& sources, const std::vector<voi
         }
         for (void* out : outputs) {
           for (int64_t i = 0; i < m; ++i) {
-            if (dtype == CommDType::int32) {
+            if (dtype == DType::int32) {
               static_cast<int32_t*>(out)[b + i] = static_cast<int32_t>(acc_i[i]);
             } else {
               static_cast<int64_t*>(out)[b + i] = acc_i[i];

@@ -28,7 +28,7 @@ const char* op_name(Op op);
 struct Call {
   uint64_t seq = 0;
   Op op = Op::barrier;
-  CommDType dtype = CommDType::float32;
+  DType dtype = DType::float32;
   ReduceOp reduce = ReduceOp::sum;
   int64_t count = 0;
   int root = 0;
@@ -48,13 +48,13 @@ std::string call_disagreement(const std::vector<Call>& calls);
 
 // Argument checks every backend makes before posting a call (InvalidArgument).
 void check_count(const char* where, int64_t count);
-void check_mean(const char* where, CommDType dtype, ReduceOp op);
+void check_mean(const char* where, DType dtype, ReduceOp op);
 void check_v_counts(int size, const int64_t* send_counts, const int64_t* send_displs,
                     const int64_t* recv_counts, const int64_t* recv_displs);
 
 // outputs[o][i] for i in [first, first + n) = reduction over r of sources[r][i], in rank order
 // 0..W-1, accumulated in float32 (bfloat16 rounds once at the end) or wrapping integers.
 void reduce_range(const std::vector<const void*>& sources, const std::vector<void*>& outputs,
-                  int64_t first, int64_t n, CommDType dtype, ReduceOp op);
+                  int64_t first, int64_t n, DType dtype, ReduceOp op);
 
 }  // namespace pyswitch::comm

@@ -160,9 +160,9 @@ class LocalComm final : public Communicator {
   double timeout() const override { return state_->timeout(); }
   void poison(const std::string& reason) override { state_->poison(reason); }
 
-  void all_to_all(const void* send, void* recv, int64_t count, CommDType dtype) override {
+  void all_to_all(const void* send, void* recv, int64_t count, DType dtype) override {
     check_count("all_to_all", count);
-    const int64_t bytes = count * comm_dtype_size(dtype);
+    const int64_t bytes = count * dtype_size(dtype);
     Call c = make(Op::all_to_all, dtype, count);
     c.send = send;
     c.recv = recv;
@@ -177,9 +177,9 @@ class LocalComm final : public Communicator {
 
   void all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
                     void* recv, const int64_t* recv_counts, const int64_t* recv_displs,
-                    CommDType dtype) override {
+                    DType dtype) override {
     check_v_counts(size(), send_counts, send_displs, recv_counts, recv_displs);
-    const int64_t es = comm_dtype_size(dtype);
+    const int64_t es = dtype_size(dtype);
     Call c = make(Op::all_to_all_v, dtype, 0);
     c.send = send;
     c.recv = recv;
@@ -197,8 +197,7 @@ class LocalComm final : public Communicator {
     });
   }
 
-  void all_reduce(const void* send, void* recv, int64_t count, CommDType dtype,
-                  ReduceOp op) override {
+  void all_reduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op) override {
     check_count("all_reduce", count);
     check_mean("all_reduce", dtype, op);
     Call c = make(Op::all_reduce, dtype, count);
@@ -221,9 +220,9 @@ class LocalComm final : public Communicator {
     });
   }
 
-  void all_gather(const void* send, void* recv, int64_t count, CommDType dtype) override {
+  void all_gather(const void* send, void* recv, int64_t count, DType dtype) override {
     check_count("all_gather", count);
-    const int64_t bytes = count * comm_dtype_size(dtype);
+    const int64_t bytes = count * dtype_size(dtype);
     Call c = make(Op::all_gather, dtype, count);
     c.send = send;
     c.recv = recv;
@@ -235,11 +234,11 @@ class LocalComm final : public Communicator {
     });
   }
 
-  void reduce_scatter(const void* send, void* recv, int64_t count, CommDType dtype,
+  void reduce_scatter(const void* send, void* recv, int64_t count, DType dtype,
                       ReduceOp op) override {
     check_count("reduce_scatter", count);
     check_mean("reduce_scatter", dtype, op);
-    const int64_t es = comm_dtype_size(dtype);
+    const int64_t es = dtype_size(dtype);
     Call c = make(Op::reduce_scatter, dtype, count);
     c.send = send;
     c.recv = recv;
@@ -253,7 +252,7 @@ class LocalComm final : public Communicator {
     });
   }
 
-  void broadcast(void* buffer, int64_t count, CommDType dtype, int root) override {
+  void broadcast(void* buffer, int64_t count, DType dtype, int root) override {
     check_count("broadcast", count);
     PYSWITCH_CHECK_ARG(root >= 0 && root < size(), "broadcast: root must be in [0, ", size(),
                        "), got ", root);
@@ -263,17 +262,17 @@ class LocalComm final : public Communicator {
     state_->run(rank_, c, [&](const std::vector<Call>& calls) {
       if (rank_ != root) {
         std::memcpy(buffer, calls[static_cast<size_t>(root)].recv,
-                    static_cast<size_t>(count * comm_dtype_size(dtype)));
+                    static_cast<size_t>(count * dtype_size(dtype)));
       }
     });
   }
 
   void barrier() override {
-    state_->run(rank_, make(Op::barrier, CommDType::float32, 0), [](const std::vector<Call>&) {});
+    state_->run(rank_, make(Op::barrier, DType::float32, 0), [](const std::vector<Call>&) {});
   }
 
  private:
-  Call make(Op op, CommDType dtype, int64_t count) {
+  Call make(Op op, DType dtype, int64_t count) {
     Call c;
     c.seq = ++seq_;
     c.op = op;

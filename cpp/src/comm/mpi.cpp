@@ -21,15 +21,15 @@ constexpr int kPoisonTag = 7;
 constexpr int kPoisonBytes = 1024;
 constexpr int kHeaderWords = 7;  // seq, op, dtype, count, reduce op, root, check
 
-MPI_Datatype mpi_type(CommDType dtype) {
+MPI_Datatype mpi_type(DType dtype) {
   switch (dtype) {
-    case CommDType::float32:
+    case DType::float32:
       return MPI_FLOAT;
-    case CommDType::bfloat16:
+    case DType::bfloat16:
       return MPI_UINT16_T;  // moved as bits; reductions are done here, not by MPI
-    case CommDType::int32:
+    case DType::int32:
       return MPI_INT32_T;
-    case CommDType::int64:
+    case DType::int64:
       return MPI_INT64_T;
   }
   return MPI_DATATYPE_NULL;
@@ -269,7 +269,7 @@ struct MPIComm::State {
       Call& c = calls[static_cast<size_t>(r)];
       c.seq = static_cast<uint64_t>(d[0]);
       c.op = static_cast<Op>(d[1]);
-      c.dtype = static_cast<CommDType>(d[2]);
+      c.dtype = static_cast<DType>(d[2]);
       c.count = d[3];
       c.reduce = static_cast<ReduceOp>(d[4]);
       c.root = static_cast<int>(d[5]);
@@ -354,7 +354,7 @@ void MPIComm::poison(const std::string& reason) {
 }
 
 namespace {
-Call make_call(uint64_t& seq, Op op, CommDType dtype, int64_t count, int64_t check) {
+Call make_call(uint64_t& seq, Op op, DType dtype, int64_t count, int64_t check) {
   Call c;
   c.seq = ++seq;
   c.op = op;
@@ -365,7 +365,7 @@ Call make_call(uint64_t& seq, Op op, CommDType dtype, int64_t count, int64_t che
 }
 }  // namespace
 
-void MPIComm::all_to_all(const void* send, void* recv, int64_t count, CommDType dtype) {
+void MPIComm::all_to_all(const void* send, void* recv, int64_t count, DType dtype) {
   check_count("all_to_all", count);
   State& s = *state_;
   const Call call = make_call(s.seq, Op::all_to_all, dtype, count, take_call_check());
@@ -379,7 +379,7 @@ void MPIComm::all_to_all(const void* send, void* recv, int64_t count, CommDType 
 
 void MPIComm::all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
                            void* recv, const int64_t* recv_counts, const int64_t* recv_displs,
-                           CommDType dtype) {
+                           DType dtype) {
   State& s = *state_;
   check_v_counts(s.size, send_counts, send_displs, recv_counts, recv_displs);
   Call call = make_call(s.seq, Op::all_to_all_v, dtype, 0, take_call_check());
@@ -400,8 +400,7 @@ void MPIComm::all_to_all_v(const void* send, const int64_t* send_counts, const i
            request, call, "MPI_Ialltoallv");
 }
 
-void MPIComm::all_reduce(const void* send, void* recv, int64_t count, CommDType dtype,
-                         ReduceOp op) {
+void MPIComm::all_reduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op) {
   check_count("all_reduce", count);
   check_mean("all_reduce", dtype, op);
   State& s = *state_;
@@ -411,7 +410,7 @@ void MPIComm::all_reduce(const void* send, void* recv, int64_t count, CommDType 
   // Reduce-scatter then all-gather, by blocks in the thread-rank backend's partition: rank q
   // reduces block q over the ranks in rank order, so every element is reduced exactly as there.
   const int W = s.size, me = s.rank;
-  const int64_t es = comm_dtype_size(dtype);
+  const int64_t es = dtype_size(dtype);
   const int64_t chunk = (count + W - 1) / W;
   std::vector<Count> block_count(W), mine_count(W);
   std::vector<Displ> block_first(W), mine_first(W);
@@ -441,7 +440,7 @@ void MPIComm::all_reduce(const void* send, void* recv, int64_t count, CommDType 
       request, call, "MPI_Iallgatherv");
 }
 
-void MPIComm::all_gather(const void* send, void* recv, int64_t count, CommDType dtype) {
+void MPIComm::all_gather(const void* send, void* recv, int64_t count, DType dtype) {
   check_count("all_gather", count);
   State& s = *state_;
   const Call call = make_call(s.seq, Op::all_gather, dtype, count, take_call_check());
@@ -453,7 +452,7 @@ void MPIComm::all_gather(const void* send, void* recv, int64_t count, CommDType 
            request, call, "MPI_Iallgather");
 }
 
-void MPIComm::reduce_scatter(const void* send, void* recv, int64_t count, CommDType dtype,
+void MPIComm::reduce_scatter(const void* send, void* recv, int64_t count, DType dtype,
                              ReduceOp op) {
   check_count("reduce_scatter", count);
   check_mean("reduce_scatter", dtype, op);
@@ -462,7 +461,7 @@ void MPIComm::reduce_scatter(const void* send, void* recv, int64_t count, CommDT
   call.reduce = op;
   s.agree(call);
   const int W = s.size;
-  const int64_t es = comm_dtype_size(dtype);
+  const int64_t es = dtype_size(dtype);
   s.scratch.resize(static_cast<size_t>(W * count * es));
   MPI_Request request;
   const Count n = to_count(count, "reduce_scatter");
@@ -474,7 +473,7 @@ void MPIComm::reduce_scatter(const void* send, void* recv, int64_t count, CommDT
   reduce_range(sources, {recv}, 0, count, dtype, op);
 }
 
-void MPIComm::broadcast(void* buffer, int64_t count, CommDType dtype, int root) {
+void MPIComm::broadcast(void* buffer, int64_t count, DType dtype, int root) {
   check_count("broadcast", count);
   State& s = *state_;
   PYSWITCH_CHECK_ARG(root >= 0 && root < s.size, "broadcast: root must be in [0, ", s.size,
@@ -491,7 +490,7 @@ void MPIComm::broadcast(void* buffer, int64_t count, CommDType dtype, int root) 
 void MPIComm::barrier() {
   State& s = *state_;
   // The descriptor gather completes on a rank only once every rank has entered: a barrier.
-  s.agree(make_call(s.seq, Op::barrier, CommDType::float32, 0, take_call_check()));
+  s.agree(make_call(s.seq, Op::barrier, DType::float32, 0, take_call_check()));
 }
 
 }  // namespace pyswitch::comm

@@ -49,6 +49,7 @@ void validate(const SwitchLMConfig& c, const comm::Communicator* comm) {
   PYSWITCH_CHECK_ARG(c.num_experts == 0 || c.num_layers >= c.expert_every,
                      "SwitchLM: with expert_every=", c.expert_every,
                      " and num_layers=", c.num_layers, " no layer would be a Switch layer");
+  check_floating(c.dtype, "SwitchLM", "config.dtype");
   if (comm && c.num_experts > 0) {
     PYSWITCH_CHECK_ARG(c.num_experts % comm->size() == 0, "SwitchLM: num_experts=", c.num_experts,
                        " must be divisible by the number of ranks ", comm->size());

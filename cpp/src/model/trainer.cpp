@@ -44,7 +44,7 @@ optim::AdafactorShape adafactor_shape(const std::vector<int64_t>& shape) {
 std::vector<double> sum_over_ranks(comm::Communicator& comm, const std::vector<double>& values) {
   const int64_t n = static_cast<int64_t>(values.size());
   std::vector<double> every(static_cast<size_t>(n * comm.size()));
-  comm.all_gather(values.data(), every.data(), n, comm::CommDType::int64);
+  comm.all_gather(values.data(), every.data(), n, DType::int64);
   std::vector<double> total(values.size(), 0.0);
   for (int r = 0; r < comm.size(); ++r) {
     for (int64_t i = 0; i < n; ++i) total[i] += every[r * n + i];
@@ -124,8 +124,7 @@ void Trainer::reduce_replicated_gradients() {
     std::memcpy(flat_.data() + offset, s.param.grad, static_cast<size_t>(s.size) * sizeof(float));
     offset += s.size;
   }
-  comm.all_reduce(flat_.data(), flat_.data(), offset, comm::CommDType::float32,
-                  comm::ReduceOp::sum);
+  comm.all_reduce(flat_.data(), flat_.data(), offset, DType::float32, comm::ReduceOp::sum);
   offset = 0;
   for (const Slot& s : slots_) {
     if (s.param.expert) continue;
@@ -165,8 +164,8 @@ std::vector<moe::SwitchStats> Trainer::global_stats() {
     counts.insert(counts.end(), s.tokens_per_expert.begin(), s.tokens_per_expert.end());
     drops.push_back(s.drop_fraction);
   }
-  comm->all_reduce(counts.data(), counts.data(), static_cast<int64_t>(counts.size()),
-                   comm::CommDType::int64, comm::ReduceOp::sum);
+  comm->all_reduce(counts.data(), counts.data(), static_cast<int64_t>(counts.size()), DType::int64,
+                   comm::ReduceOp::sum);
   drops = sum_over_ranks(*comm, drops);
   size_t offset = 0;
   for (size_t l = 0; l < stats.size(); ++l) {

@@ -125,6 +125,7 @@ void gather_weighted_sum(const void* rows, DType dtype, int64_t d, const Dispatc
 void combine(const void* expert_out, DType dtype, int64_t d, const DispatchLayout& layout,
              const float* gate, void* y) {
   check_d_model("combine", d);
+  check_floating(dtype, "combine");
   gather_weighted_sum(expert_out, dtype, d, layout, gate, y);
 }
 
@@ -132,6 +133,7 @@ void combine_backward(const void* dy, const void* expert_out, DType dtype, int64
                       const DispatchLayout& layout, const float* gate, void* d_expert_out,
                       float* d_gate) {
   check_d_model("combine_backward", d);
+  check_floating(dtype, "combine_backward");
   const RowIo io{dtype, d};
   const int64_t T = layout.num_tokens, k = layout.k;
   // d_expert_out by rows (each row has one source token), d_gate by tokens.
@@ -173,6 +175,7 @@ void combine_backward(const void* dy, const void* expert_out, DType dtype, int64
 void dispatch_backward(const void* d_buffer, DType dtype, int64_t d, const DispatchLayout& layout,
                        void* dx) {
   check_d_model("dispatch_backward", d);
+  check_floating(dtype, "dispatch_backward");
   gather_weighted_sum(d_buffer, dtype, d, layout, nullptr, dx);
 }
 

@@ -138,6 +138,7 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
                      DType dtype, const void* x, void* y, ExpertCache* cache,
                      const DropoutSpec& dropout) {
   validate("experts_forward", s, p, offsets);
+  check_floating(dtype, "experts_forward");
   PYSWITCH_CHECK_ARG(dropout.rate >= 0.0 && dropout.rate < 1.0,
                      "experts_forward: dropout rate must be in [0, 1), got ", dropout.rate);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;

@@ -382,6 +382,7 @@ const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, 
                                          int64_t first_token) {
   PYSWITCH_CHECK_ARG(T >= 0 && first_token >= 0, "Router.forward: token counts must be >= 0, got ",
                      T, " tokens from token ", first_token);
+  check_floating(dtype, "Router.forward", "x dtype");
   const int64_t n = T * d_model_;
   has_forward_ = false;
   x_used_.resize(static_cast<size_t>(n));

@@ -49,6 +49,8 @@ void add_activations(const void* a, DType a_dtype, const void* b, DType b_dtype,
 }  // namespace
 
 void convert_activations(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
+  check_floating(src_dtype, "convert_activations", "source dtype");
+  check_floating(dst_dtype, "convert_activations", "destination dtype");
   if (src_dtype == dst_dtype) {
     if (src != dst) std::memcpy(dst, src, static_cast<size_t>(n * dtype_size(src_dtype)));
   } else if (src_dtype == DType::float32) {
@@ -93,10 +95,6 @@ void poison_on_failure(comm::Communicator* c, const char* where, Body&& body) {
   }
 }
 
-comm::CommDType wire_dtype(DType dtype) {
-  return dtype == DType::float32 ? comm::CommDType::float32 : comm::CommDType::bfloat16;
-}
-
 // Doubles travel through the int64 collectives bit for bit.
 int64_t double_bits(double value) {
   int64_t bits;
@@ -122,6 +120,7 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       router_(d_model, num_experts, options.router),
       weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed,
                first_expert_) {
+  check_floating(options.dtype, "SwitchFFN", "options.dtype");
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
   PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
                      "SwitchFFN: aux_loss_coef and z_loss_coef must be finite, got ",
@@ -148,7 +147,7 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
       int64_t first_token = 0;
       if (training && options_.router.jitter_eps > 0) {
         std::vector<int64_t> tokens(static_cast<size_t>(comm_->size()));
-        comm_->all_gather(&T, tokens.data(), 1, comm::CommDType::int64);
+        comm_->all_gather(&T, tokens.data(), 1, DType::int64);
         for (int r = 0; r < comm_->rank(); ++r) first_token += tokens[static_cast<size_t>(r)];
       }
       plan = &router_.forward_shard(x, x_dtype, T, training, first_token);
@@ -195,130 +194,68 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
 
 void SwitchFFN::exchange_counts() {
   const int W = comm_->size();
-  const int64_t E = num_experts_, E_local = shape_.num_experts;
+  const int64_t E = num_experts_;
   const RoutingPlan& plan = router_.forward_plan();
   // One gather carries everything the ranks must know of each other: rows per expert, tokens,
   // groups and the loss sums.
   const int64_t width = E + 4;
-  std::vector<int64_t> mine(static_cast<size_t>(width));
-  for (int64_t e = 0; e < E; ++e) {
-    mine[static_cast<size_t>(e)] = layout_.expert_offset[static_cast<size_t>(e + 1)] -
-                                   layout_.expert_offset[static_cast<size_t>(e)];
-  }
-  mine[static_cast<size_t>(E)] = plan.num_tokens;
-  mine[static_cast<size_t>(E + 1)] = plan.num_groups;
-  mine[static_cast<size_t>(E + 2)] = double_bits(plan.aux_sum);
-  mine[static_cast<size_t>(E + 3)] = double_bits(plan.z_sum);
-  std::vector<int64_t> all(static_cast<size_t>(W * width));
-  comm_->all_gather(mine.data(), all.data(), width, comm::CommDType::int64);
+  std::vector<int64_t> mine(width);
+  for (int64_t e = 0; e < E; ++e) mine[e] = layout_.expert_offset[e + 1] - layout_.expert_offset[e];
+  mine[E] = plan.num_tokens;
+  mine[E + 1] = plan.num_groups;
+  mine[E + 2] = double_bits(plan.aux_sum);
+  mine[E + 3] = double_bits(plan.z_sum);
+  std::vector<int64_t> all(W * width);
+  comm_->all_gather(mine.data(), all.data(), width, DType::int64);
 
-  Exchange& x = exchange_;
-  x.counts.assign(static_cast<size_t>(W * E), 0);
+  std::vector<int64_t> counts(W * E);
   int64_t tokens = 0, groups = 0;
   double aux_sum = 0, z_sum = 0;  // added in rank order: the one-rank layer's group order
   for (int w = 0; w < W; ++w) {
     const int64_t* row = all.data() + w * width;
-    std::copy_n(row, E, x.counts.data() + w * E);
+    std::copy_n(row, E, counts.data() + w * E);
     tokens += row[E];
     groups += row[E + 1];
     aux_sum += bits_double(row[E + 2]);
     z_sum += bits_double(row[E + 3]);
   }
   if (tokens > 0 && groups > 0) router_.set_global_losses(groups, tokens, aux_sum, z_sum);
-
-  const int me = comm_->rank();
-  x.send_rows.assign(static_cast<size_t>(W), 0);
-  x.recv_rows.assign(static_cast<size_t>(W), 0);
-  x.local_offsets.assign(static_cast<size_t>(E_local + 1), 0);
-  for (int w = 0; w < W; ++w) {
-    for (int64_t e = 0; e < E_local; ++e) {
-      x.send_rows[static_cast<size_t>(w)] +=
-          x.counts[static_cast<size_t>(me * E + w * E_local + e)];
-      const int64_t rows = x.counts[static_cast<size_t>(w * E + first_expert_ + e)];
-      x.recv_rows[static_cast<size_t>(w)] += rows;
-      x.local_offsets[static_cast<size_t>(e + 1)] += rows;
-    }
-  }
-  for (int64_t e = 0; e < E_local; ++e) {
-    x.local_offsets[static_cast<size_t>(e + 1)] += x.local_offsets[static_cast<size_t>(e)];
-  }
-  x.first_row = 0;
-  for (int w = 0; w < W; ++w) {
-    for (int64_t e = 0; e < first_expert_; ++e)
-      x.first_row += x.counts[static_cast<size_t>(w * E + e)];
-  }
+  exchange_ = make_ep_layout(counts.data(), W, comm_->rank(), E);
 }
 
-void SwitchFFN::exchange_rows(const void* send, void* recv, bool to_owners) {
-  const int W = comm_->size();
-  const int64_t d = shape_.d_model;
-  const std::vector<int64_t>& out_rows = to_owners ? exchange_.send_rows : exchange_.recv_rows;
-  const std::vector<int64_t>& in_rows = to_owners ? exchange_.recv_rows : exchange_.send_rows;
-  std::vector<int64_t> send_counts(W), send_displs(W), recv_counts(W), recv_displs(W);
-  comm::packed_row_blocks(out_rows.data(), W, d, send_counts.data(), send_displs.data());
-  comm::packed_row_blocks(in_rows.data(), W, d, recv_counts.data(), recv_displs.data());
-  comm_->all_to_all_v(send, send_counts.data(), send_displs.data(), recv, recv_counts.data(),
-                      recv_displs.data(), wire_dtype(options_.dtype));
+void SwitchFFN::exchange(const void* send, void* recv, bool to_owners) {
+  exchange_rows(*comm_, exchange_, shape_.d_model, options_.dtype, send, recv, to_owners);
 }
 
-void SwitchFFN::permute_rows(const void* from, void* to, bool to_expert_major) const {
-  // The wire holds, from each rank in rank order, its rows for this rank's experts in expert
-  // order; the experts want expert by expert, and within an expert rank by rank.
-  const int W = comm_->size();
-  const int64_t E = num_experts_, E_local = shape_.num_experts;
-  const int64_t row_bytes = shape_.d_model * dtype_size(options_.dtype);
-  struct Block {
-    int64_t wire_row, expert_row, rows;
-  };
-  std::vector<Block> blocks;
-  std::vector<int64_t> expert_at(exchange_.local_offsets.begin(),
-                                 exchange_.local_offsets.end() - 1);
-  int64_t wire_row = 0;
-  for (int w = 0; w < W; ++w) {
-    for (int64_t e = 0; e < E_local; ++e) {
-      const int64_t rows = exchange_.counts[static_cast<size_t>(w * E + first_expert_ + e)];
-      if (rows > 0) blocks.push_back({wire_row, expert_at[static_cast<size_t>(e)], rows});
-      wire_row += rows;
-      expert_at[static_cast<size_t>(e)] += rows;
-    }
-  }
-  const char* src = static_cast<const char*>(from);
-  char* dst = static_cast<char*>(to);
-  detail::parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
-    const Block& b = blocks[static_cast<size_t>(i)];
-    const int64_t from_row = to_expert_major ? b.wire_row : b.expert_row;
-    const int64_t to_row = to_expert_major ? b.expert_row : b.wire_row;
-    std::memcpy(dst + to_row * row_bytes, src + from_row * row_bytes,
-                static_cast<size_t>(b.rows * row_bytes));
-  });
+void SwitchFFN::permute(const void* from, void* to, bool to_expert_major) const {
+  permute_rows(exchange_, shape_.d_model * dtype_size(options_.dtype), from, to, to_expert_major);
 }
 
 void SwitchFFN::forward_experts(DropoutSpec dropout) {
   exchange_counts();
   const int64_t row_bytes = shape_.d_model * dtype_size(options_.dtype);
-  const int64_t local_rows = exchange_.local_offsets.back();
-  wire_.resize(static_cast<size_t>(local_rows * row_bytes));
+  wire_.resize(exchange_.local_offsets.back() * row_bytes);
   expert_in_.resize(wire_.size());
   expert_result_.resize(wire_.size());
-  exchange_rows(buffer_.data(), wire_.data(), /*to_owners=*/true);
-  permute_rows(wire_.data(), expert_in_.data(), /*to_expert_major=*/true);
+  exchange(buffer_.data(), wire_.data(), /*to_owners=*/true);
+  permute(wire_.data(), expert_in_.data(), /*to_expert_major=*/true);
   dropout.first_row = exchange_.first_row;
   experts_forward(shape_, weights_.params(), exchange_.local_offsets.data(), options_.dtype,
                   expert_in_.data(), expert_result_.data(), &cache_, dropout);
-  permute_rows(expert_result_.data(), wire_.data(), /*to_expert_major=*/false);
-  exchange_rows(wire_.data(), expert_out_.data(), /*to_owners=*/false);
+  permute(expert_result_.data(), wire_.data(), /*to_expert_major=*/false);
+  exchange(wire_.data(), expert_out_.data(), /*to_owners=*/false);
 }
 
 void SwitchFFN::backward_experts() {
   // d_expert_out_ (this rank's packed rows) -> the owners; their input gradients come back
   // into d_buffer_. expert_result_ is free after the forward, so it holds the permuted dy.
   d_expert_in_.resize(expert_in_.size());
-  exchange_rows(d_expert_out_.data(), wire_.data(), /*to_owners=*/true);
-  permute_rows(wire_.data(), expert_result_.data(), /*to_expert_major=*/true);
+  exchange(d_expert_out_.data(), wire_.data(), /*to_owners=*/true);
+  permute(wire_.data(), expert_result_.data(), /*to_expert_major=*/true);
   experts_backward(shape_, weights_.params(), exchange_.local_offsets.data(), expert_in_.data(),
                    cache_, expert_result_.data(), d_expert_in_.data(), weights_.grads());
-  permute_rows(d_expert_in_.data(), wire_.data(), /*to_expert_major=*/false);
-  exchange_rows(wire_.data(), d_buffer_.data(), /*to_owners=*/false);
+  permute(d_expert_in_.data(), wire_.data(), /*to_expert_major=*/false);
+  exchange(wire_.data(), d_buffer_.data(), /*to_owners=*/false);
 }
 
 void SwitchFFN::backward(const void* dy, void* dx) {
@@ -383,6 +320,7 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
       options_(options),
       weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
                options.init_scale, options.seed) {
+  check_floating(options.dtype, "DenseFFN", "options.dtype");
   check_dropout("DenseFFN", "dropout", options.dropout);
 }
 

@@ -228,6 +228,7 @@ Linear::Linear(int64_t in_features, int64_t out_features, DType compute)
   PYSWITCH_CHECK_ARG(in_features >= 1 && out_features >= 1,
                      "Linear: in_features and out_features must be >= 1, got ", in_features,
                      " and ", out_features);
+  check_floating(compute, "Linear", "compute dtype");
 }
 
 void Linear::forward(const float* weight, const float* x, int64_t T, float* y) {

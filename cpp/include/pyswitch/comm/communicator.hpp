@@ -19,14 +19,13 @@
 #include <cstdint>
 #include <string>
 
+#include "pyswitch/tensor.hpp"
+
 namespace pyswitch::comm {
 
-enum class CommDType { float32 = 0, bfloat16 = 1, int32 = 2, int64 = 3 };
+/// Collectives take pyswitch::DType (tensor.hpp): all four element types.
 enum class ReduceOp { sum = 0, max = 1, min = 2, mean = 3 };
 
-/// Bytes per element.
-int64_t comm_dtype_size(CommDType dtype);
-const char* comm_dtype_name(CommDType dtype);
 const char* reduce_op_name(ReduceOp op);
 
 class Communicator {
@@ -39,7 +38,7 @@ class Communicator {
 
   /// send: size * count elements, block r for rank r. recv: size * count elements, block r from
   /// rank r. send and recv must not overlap.
-  virtual void all_to_all(const void* send, void* recv, int64_t count, CommDType dtype) = 0;
+  virtual void all_to_all(const void* send, void* recv, int64_t count, DType dtype) = 0;
 
   /// Rank-varying blocks: this rank sends send_counts[r] elements starting at send + send_displs[r]
   /// to rank r, and receives recv_counts[r] elements at recv + recv_displs[r] from rank r. The
@@ -47,23 +46,23 @@ class Communicator {
   /// rank r's recv_counts[me]), checked before any payload moves. No overlap of send and recv.
   virtual void all_to_all_v(const void* send, const int64_t* send_counts,
                             const int64_t* send_displs, void* recv, const int64_t* recv_counts,
-                            const int64_t* recv_displs, CommDType dtype) = 0;
+                            const int64_t* recv_displs, DType dtype) = 0;
 
   /// recv (count) = op over ranks of send (count), reduced in rank order 0..size-1 for every
   /// element (bit-identical on every rank); bfloat16 accumulates in float32 and rounds once.
   /// In place allowed (send == recv). mean: float types only (sum / size).
-  virtual void all_reduce(const void* send, void* recv, int64_t count, CommDType dtype,
+  virtual void all_reduce(const void* send, void* recv, int64_t count, DType dtype,
                           ReduceOp op) = 0;
 
   /// recv (size * count): block r is rank r's send (count). No overlap.
-  virtual void all_gather(const void* send, void* recv, int64_t count, CommDType dtype) = 0;
+  virtual void all_gather(const void* send, void* recv, int64_t count, DType dtype) = 0;
 
   /// send (size * count); recv (count) = block `rank()` of the all_reduce of send. No overlap.
-  virtual void reduce_scatter(const void* send, void* recv, int64_t count, CommDType dtype,
+  virtual void reduce_scatter(const void* send, void* recv, int64_t count, DType dtype,
                               ReduceOp op) = 0;
 
   /// buffer (count): root's contents are copied to every other rank's buffer.
-  virtual void broadcast(void* buffer, int64_t count, CommDType dtype, int root) = 0;
+  virtual void broadcast(void* buffer, int64_t count, DType dtype, int root) = 0;
 
   virtual void barrier() = 0;
 

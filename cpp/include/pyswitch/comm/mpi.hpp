@@ -54,16 +54,15 @@ class MPIComm final : public Communicator {
   double timeout() const override;
   bool poisoned() const;
 
-  void all_to_all(const void* send, void* recv, int64_t count, CommDType dtype) override;
+  void all_to_all(const void* send, void* recv, int64_t count, DType dtype) override;
   void all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
                     void* recv, const int64_t* recv_counts, const int64_t* recv_displs,
-                    CommDType dtype) override;
-  void all_reduce(const void* send, void* recv, int64_t count, CommDType dtype,
-                  ReduceOp op) override;
-  void all_gather(const void* send, void* recv, int64_t count, CommDType dtype) override;
-  void reduce_scatter(const void* send, void* recv, int64_t count, CommDType dtype,
+                    DType dtype) override;
+  void all_reduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op) override;
+  void all_gather(const void* send, void* recv, int64_t count, DType dtype) override;
+  void reduce_scatter(const void* send, void* recv, int64_t count, DType dtype,
                       ReduceOp op) override;
-  void broadcast(void* buffer, int64_t count, CommDType dtype, int root) override;
+  void broadcast(void* buffer, int64_t count, DType dtype, int root) override;
   void barrier() override;
   void poison(const std::string& reason) override;
 

@@ -68,8 +68,9 @@ struct ParamRef {
 class SwitchLM {
  public:
   /// Throws InvalidArgument for inconsistent sizes (d_model % num_heads, odd head size,
-  /// expert_every < 1, num_experts % comm size, ...). `comm` (not owned, must outlive the model):
-  /// expert parallelism for the Switch layers; the other parameters are replicated.
+  /// expert_every < 1, num_experts % comm size, an integer dtype, ...). `comm` (not owned, must
+  /// outlive the model): expert parallelism for the Switch layers; the other parameters are
+  /// replicated.
   explicit SwitchLM(const SwitchLMConfig& config, comm::Communicator* comm = nullptr);
   ~SwitchLM();
 

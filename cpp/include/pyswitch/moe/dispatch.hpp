@@ -31,12 +31,14 @@ struct DispatchLayout {
 DispatchLayout make_dispatch_layout(const RoutingPlan& plan, bool packed);
 
 /// buffer (total_rows, d_model) = x[row_token] (zero rows where row_token is -1).
-/// x: (T, d_model) and buffer share `dtype`. Multi-threaded; the caller owns both buffers.
+/// x: (T, d_model) and buffer share `dtype` (any DType: rows are only copied). Multi-threaded;
+/// the caller owns both buffers.
 void dispatch(const void* x, DType dtype, int64_t d_model, const DispatchLayout& layout,
               void* buffer);
 
 /// y (T, d_model) = sum over kept j of gate[t, j] * expert_out[row(t, j)], accumulated in float32
-/// in j order (0 for a token whose assignments were all dropped). expert_out and y share dtype.
+/// in j order (0 for a token whose assignments were all dropped). expert_out and y share dtype,
+/// float32 or bfloat16 (InvalidArgument otherwise; the same for the two backward calls below).
 void combine(const void* expert_out, DType dtype, int64_t d_model, const DispatchLayout& layout,
              const float* gate, void* y);
 

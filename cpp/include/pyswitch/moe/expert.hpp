@@ -106,9 +106,9 @@ struct ExpertCache {
   std::vector<bf16> d_pre_bf16, d_linear_bf16;
 };
 
-/// x (rows, d_model) -> y (rows, d_model), both of `dtype`, rows = offsets[E]. offsets: (E + 1,)
-/// non-decreasing from 0. cache may be null (inference; dropout is then off). Throws
-/// InvalidArgument for bad shapes, offsets or dropout rate.
+/// x (rows, d_model) -> y (rows, d_model), both of `dtype` (float32 or bfloat16), rows =
+/// offsets[E]. offsets: (E + 1,) non-decreasing from 0. cache may be null (inference; dropout is
+/// then off). Throws InvalidArgument for bad shapes, offsets, dropout rate or an integer dtype.
 void experts_forward(const ExpertShape& shape, const ExpertParams& params, const int64_t* offsets,
                      DType dtype, const void* x, void* y, ExpertCache* cache,
                      const DropoutSpec& dropout = {});

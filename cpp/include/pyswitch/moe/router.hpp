@@ -135,13 +135,14 @@ class Router {
   float* weight_grad() { return weight_grad_.data(); }
 
   /// x: (T, d_model), float32 or bfloat16, C-contiguous. Returns the plan, owned by the router
-  /// and valid until the next forward. Throws InvalidArgument for T < 1.
+  /// and valid until the next forward. Throws InvalidArgument for T < 1 or an integer dtype.
   const RoutingPlan& forward(const void* x, DType dtype, int64_t num_tokens, bool training);
 
   /// Expert parallelism: this rank's share of a global batch. first_token is the global index
   /// of x's first row; the jitter draws are indexed by global element, so they equal the draws
   /// of a one-rank router over the whole batch. num_tokens may be 0 (a rank with no tokens still
-  /// takes part): the plan is then empty. Throws InvalidArgument for negative sizes.
+  /// takes part): the plan is then empty. Throws InvalidArgument for negative sizes or an
+  /// integer dtype.
   const RoutingPlan& forward_shard(const void* x, DType dtype, int64_t num_tokens, bool training,
                                    int64_t first_token);
 

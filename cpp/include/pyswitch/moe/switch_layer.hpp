@@ -9,6 +9,7 @@
 
 #include "pyswitch/comm/communicator.hpp"
 #include "pyswitch/moe/dispatch.hpp"
+#include "pyswitch/moe/ep_exchange.hpp"
 #include "pyswitch/moe/expert.hpp"
 #include "pyswitch/moe/router.hpp"
 #include "pyswitch/tensor.hpp"
@@ -20,7 +21,7 @@ struct SwitchFFNOptions {
   Activation activation = Activation::relu;
   bool use_bias = false;
   double expert_dropout = 0.0;   ///< on the hidden activation, training only, in [0, 1)
-  DType dtype = DType::float32;  ///< compute dtype; parameters stay float32 (master copies)
+  DType dtype = DType::float32;  ///< compute dtype (float32 or bfloat16); parameters stay float32
   double aux_loss_coef = 1e-2;
   double z_loss_coef = 1e-3;
 };
@@ -59,8 +60,8 @@ struct SwitchStats {
 /// Not thread-safe: one call at a time per layer (calls are multi-threaded inside).
 class SwitchFFN {
  public:
-  /// Throws InvalidArgument for sizes < 1, bad routing options, dropout outside [0, 1), or
-  /// num_experts not divisible by comm->size().
+  /// Throws InvalidArgument for sizes < 1, bad routing options, dropout outside [0, 1), an
+  /// integer options.dtype, or num_experts not divisible by comm->size().
   SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts, const SwitchFFNOptions& options,
             comm::Communicator* comm = nullptr);
 
@@ -109,16 +110,11 @@ class SwitchFFN {
   }
 
  private:
-  // Expert parallelism: the exchange plan of the last forward, in rows.
-  struct Exchange {
-    std::vector<int64_t> counts;  // (W, E): rows rank w routed to expert e (after capacity)
-    std::vector<int64_t> send_rows, recv_rows;  // (W): rows to / from each rank
-    std::vector<int64_t> local_offsets;         // (E_local + 1): the expert-major buffer
-    int64_t first_row = 0;  // rows of experts before first_expert_ in the one-rank buffer
-  };
+  // Expert parallelism: exchanges the per-expert counts (and the loss sums) and builds exchange_.
   void exchange_counts();
-  void exchange_rows(const void* send, void* recv, bool to_owners);
-  void permute_rows(const void* from, void* to, bool to_expert_major) const;
+  // Every exchange of this layer moves rows of d_model in the compute dtype.
+  void exchange(const void* send, void* recv, bool to_owners);
+  void permute(const void* from, void* to, bool to_expert_major) const;
   void forward_experts(DropoutSpec dropout);
   void backward_experts();
 
@@ -129,7 +125,7 @@ class SwitchFFN {
   int64_t first_expert_ = 0;
   Router router_;
   ExpertWeights weights_;
-  Exchange exchange_;
+  EpLayout exchange_;  // expert parallelism: the exchange layout of the last forward
   // State of the last forward, kept for backward.
   DispatchLayout layout_;
   std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype, this rank's
@@ -153,13 +149,14 @@ struct DenseFFNOptions {
   Activation activation = Activation::relu;
   bool use_bias = false;
   double dropout = 0.0;
-  DType dtype = DType::float32;
+  DType dtype = DType::float32;  ///< float32 or bfloat16
   double init_scale = 0.1;
   uint64_t seed = 0;
 };
 
 class DenseFFN {
  public:
+  /// Throws InvalidArgument for sizes < 1, dropout outside [0, 1) or an integer options.dtype.
   DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options);
   int64_t d_model() const { return shape_.d_model; }
   int64_t d_ff() const { return shape_.d_ff; }
@@ -188,7 +185,8 @@ class DenseFFN {
   bool has_forward_ = false;
 };
 
-/// Converts n values between float32 and bfloat16 (or copies when the dtypes match).
+/// Converts n values between float32 and bfloat16 (or copies when the dtypes match). Throws
+/// InvalidArgument for an integer dtype.
 void convert_activations(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n);
 
 }  // namespace pyswitch::moe

@@ -44,6 +44,7 @@ void attention_backward(const float* d_out, const float* qkv, const float* probs
 /// A dense projection y = x @ W with W (in, out) float32 (the master copy). In bfloat16 mode x
 /// and W are rounded to bf16 and the GEMM accumulates in float32; y is float32 either way.
 /// Holds the bf16 copies it needs between forward and backward (not thread-safe per instance).
+/// The constructor throws InvalidArgument for sizes below 1 or an integer compute dtype.
 class Linear {
  public:
   Linear(int64_t in_features, int64_t out_features, DType compute);
