@@ -49,6 +49,19 @@ void require(const char* op, const char* arg, const TensorView& v,
   PYSWITCH_CHECK_ARG(v.data != nullptr || v.numel() == 0, op, ": ", arg, " has no data");
 }
 
+// A flat operand: only its element count matters (elementwise ops and optimizer updates take
+// any shape).
+void require_flat(const char* op, const char* arg, const TensorView& v,
+                  std::initializer_list<DType> dtypes, int64_t numel) {
+  TensorView flat = v;
+  flat.ndim = 1;
+  flat.shape[0] = v.numel();
+  flat.strides[0] = 1;
+  PYSWITCH_CHECK_ARG(v.is_valid() && v.is_contiguous(), op, ": ", arg,
+                     " must be C-contiguous with at most ", kMaxTensorDims, " dimensions");
+  require(op, arg, flat, dtypes, {numel});
+}
+
 constexpr std::initializer_list<DType> kFloat32 = {DType::float32};
 constexpr std::initializer_list<DType> kCompute = {DType::float32, DType::bfloat16};
 
@@ -85,8 +98,8 @@ void cpu_copy(const TensorView& src, const TensorView& dst) {
 }
 
 void cpu_convert(const TensorView& src, const TensorView& dst) {
-  require("convert", "src", src, kCompute, {src.numel()});
-  require("convert", "dst", dst, kCompute, {src.numel()});
+  require_flat("convert", "src", src, kCompute, src.numel());
+  require_flat("convert", "dst", dst, kCompute, src.numel());
   moe::convert_activations(src.data, src.dtype, dst.data, dst.dtype, src.numel());
 }
 
@@ -236,9 +249,7 @@ void cpu_adamw_update(const TensorView& param, const TensorView& grad, const Ten
                                    {"grad", &grad},
                                    {"m", &m},
                                    {"v", &v}}) {
-    require("adamw_update", name, *view, kFloat32, {view->numel()});
-    PYSWITCH_CHECK_ARG(view->numel() == n, "adamw_update: ", name, " has ", view->numel(),
-                       " elements, param ", n);
+    require_flat("adamw_update", name, *view, kFloat32, n);
   }
   optim::adamw_step(param.as<float>(), grad.as<const float>(), m.as<float>(), v.as<float>(), n,
                     step, lr, options, decay);
@@ -249,14 +260,11 @@ void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
                           const TensorView& full_state, const optim::AdafactorShape& shape,
                           int64_t step, double lr, const optim::AdafactorOptions& options) {
   const int64_t n = shape.batches * shape.rows * shape.cols;
-  require("adafactor_update", "param", param, kFloat32, {param.numel()});
-  require("adafactor_update", "grad", grad, kFloat32, {param.numel()});
-  PYSWITCH_CHECK_ARG(param.numel() == n && grad.numel() == n, "adafactor_update: param and grad ",
-                     "must have batches * rows * cols = ", n, " elements, got ", param.numel(),
-                     " and ", grad.numel());
+  require_flat("adafactor_update", "param", param, kFloat32, n);
+  require_flat("adafactor_update", "grad", grad, kFloat32, n);
   auto state = [&](const char* name, const TensorView& view, int64_t expected) -> float* {
     if (expected == 0) return nullptr;
-    require("adafactor_update", name, view, kFloat32, {expected});
+    require_flat("adafactor_update", name, view, kFloat32, expected);
     return view.as<float>();
   };
   optim::adafactor_step(
@@ -266,12 +274,12 @@ void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
 }
 
 double cpu_sum_of_squares(const TensorView& x) {
-  require("sum_of_squares", "x", x, kFloat32, {x.numel()});
+  require_flat("sum_of_squares", "x", x, kFloat32, x.numel());
   return optim::sum_of_squares(x.as<const float>(), x.numel());
 }
 
 void cpu_scale(const TensorView& x, float factor) {
-  require("scale", "x", x, kFloat32, {x.numel()});
+  require_flat("scale", "x", x, kFloat32, x.numel());
   optim::scale_in_place(x.as<float>(), x.numel(), factor);
 }
 

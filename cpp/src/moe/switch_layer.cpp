@@ -119,7 +119,9 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       first_expert_(comm ? comm->rank() * shape_.num_experts : 0),
       router_(d_model, num_experts, options.router),
       weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed,
-               first_expert_) {
+               first_expert_),
+      ops_(&cpu_backend()),
+      workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "SwitchFFN", "options.dtype");
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
   PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
@@ -155,17 +157,16 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
     layout_ = make_dispatch_layout(*plan, /*packed=*/true);
 
     // Tokens in the compute dtype, gathered into the packed expert buffer.
-    const void* x_c = x;
-    std::vector<char> converted;
+    const TensorView x_in = TensorView::contiguous(x, x_dtype, {T, d});
+    TensorView x_c = x_in;
     if (x_dtype != c) {
-      converted.resize(static_cast<size_t>(T * d * dtype_size(c)));
-      convert_activations(x, x_dtype, converted.data(), c, T * d);
-      x_c = converted.data();
+      x_c = workspace_.matrix(kTokens, c, T, d);
+      ops_->convert(x_in, x_c);
     }
     const int64_t rows = layout_.total_rows;
-    buffer_.resize(static_cast<size_t>(rows * d * dtype_size(c)));
-    expert_out_.resize(buffer_.size());
-    dispatch(x_c, c, d, layout_, buffer_.data());
+    const TensorView buffer = workspace_.matrix(kBuffer, c, rows, d);
+    const TensorView expert_out = workspace_.matrix(kExpertOut, c, rows, d);
+    ops_->dispatch(x_c, layout_, buffer);
 
     DropoutSpec dropout;
     if (training && options_.expert_dropout > 0) {
@@ -173,18 +174,20 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
                  0};
     }
     if (!comm_) {
-      experts_forward(shape_, weights_.params(), layout_.expert_offset.data(), c, buffer_.data(),
-                      expert_out_.data(), &cache_, dropout);
+      ops_->experts_forward(shape_, weights_.params(), layout_.expert_offset.data(), buffer,
+                            expert_out, &cache_, dropout);
     } else {
       forward_experts(dropout);
     }
 
+    const TensorView gate = TensorView::contiguous(plan->gate.data(), DType::float32, {T, plan->k});
+    const TensorView y_out = TensorView::contiguous(y, x_dtype, {T, d});
     if (x_dtype == c) {
-      combine(expert_out_.data(), c, d, layout_, plan->gate.data(), y);
+      ops_->combine(expert_out, layout_, gate, y_out);
     } else {
-      std::vector<char> y_c(static_cast<size_t>(T * d * dtype_size(c)));
-      combine(expert_out_.data(), c, d, layout_, plan->gate.data(), y_c.data());
-      convert_activations(y_c.data(), c, y, x_dtype, T * d);
+      const TensorView y_c = workspace_.matrix(kCombined, c, T, d);
+      ops_->combine(expert_out, layout_, gate, y_c);
+      ops_->convert(y_c, y_out);
     }
     x_dtype_ = x_dtype;
     tokens_ = T;
@@ -233,29 +236,37 @@ void SwitchFFN::permute(const void* from, void* to, bool to_expert_major) const 
 
 void SwitchFFN::forward_experts(DropoutSpec dropout) {
   exchange_counts();
-  const int64_t row_bytes = shape_.d_model * dtype_size(options_.dtype);
-  wire_.resize(exchange_.local_offsets.back() * row_bytes);
-  expert_in_.resize(wire_.size());
-  expert_result_.resize(wire_.size());
-  exchange(buffer_.data(), wire_.data(), /*to_owners=*/true);
-  permute(wire_.data(), expert_in_.data(), /*to_expert_major=*/true);
+  const DType c = options_.dtype;
+  const int64_t d = shape_.d_model, rows = layout_.total_rows;
+  const int64_t local_rows = exchange_.local_offsets.back();
+  const TensorView wire = workspace_.matrix(kWire, c, local_rows, d);
+  const TensorView expert_in = workspace_.matrix(kExpertIn, c, local_rows, d);
+  const TensorView expert_result = workspace_.matrix(kExpertResult, c, local_rows, d);
+  exchange(workspace_.matrix(kBuffer, c, rows, d).data, wire.data, /*to_owners=*/true);
+  permute(wire.data, expert_in.data, /*to_expert_major=*/true);
   dropout.first_row = exchange_.first_row;
-  experts_forward(shape_, weights_.params(), exchange_.local_offsets.data(), options_.dtype,
-                  expert_in_.data(), expert_result_.data(), &cache_, dropout);
-  permute(expert_result_.data(), wire_.data(), /*to_expert_major=*/false);
-  exchange(wire_.data(), expert_out_.data(), /*to_owners=*/false);
+  ops_->experts_forward(shape_, weights_.params(), exchange_.local_offsets.data(), expert_in,
+                        expert_result, &cache_, dropout);
+  permute(expert_result.data, wire.data, /*to_expert_major=*/false);
+  exchange(wire.data, workspace_.matrix(kExpertOut, c, rows, d).data, /*to_owners=*/false);
 }
 
 void SwitchFFN::backward_experts() {
-  // d_expert_out_ (this rank's packed rows) -> the owners; their input gradients come back
-  // into d_buffer_. expert_result_ is free after the forward, so it holds the permuted dy.
-  d_expert_in_.resize(expert_in_.size());
-  exchange(d_expert_out_.data(), wire_.data(), /*to_owners=*/true);
-  permute(wire_.data(), expert_result_.data(), /*to_expert_major=*/true);
-  experts_backward(shape_, weights_.params(), exchange_.local_offsets.data(), expert_in_.data(),
-                   cache_, expert_result_.data(), d_expert_in_.data(), weights_.grads());
-  permute(d_expert_in_.data(), wire_.data(), /*to_expert_major=*/false);
-  exchange(wire_.data(), d_buffer_.data(), /*to_owners=*/false);
+  // kDExpertOut (this rank's packed rows) -> the owners; their input gradients come back into
+  // kDBuffer. kExpertResult is free after the forward, so it holds the permuted dy.
+  const DType c = options_.dtype;
+  const int64_t d = shape_.d_model, rows = layout_.total_rows;
+  const int64_t local_rows = exchange_.local_offsets.back();
+  const TensorView wire = workspace_.matrix(kWire, c, local_rows, d);
+  const TensorView expert_in = workspace_.matrix(kExpertIn, c, local_rows, d);
+  const TensorView d_expert_result = workspace_.matrix(kExpertResult, c, local_rows, d);
+  const TensorView d_expert_in = workspace_.matrix(kDExpertIn, c, local_rows, d);
+  exchange(workspace_.matrix(kDExpertOut, c, rows, d).data, wire.data, /*to_owners=*/true);
+  permute(wire.data, d_expert_result.data, /*to_expert_major=*/true);
+  ops_->experts_backward(shape_, weights_.params(), exchange_.local_offsets.data(), expert_in,
+                         cache_, d_expert_result, d_expert_in, weights_.grads());
+  permute(d_expert_in.data, wire.data, /*to_expert_major=*/false);
+  exchange(wire.data, workspace_.matrix(kDBuffer, c, rows, d).data, /*to_owners=*/false);
 }
 
 void SwitchFFN::backward(const void* dy, void* dx) {
@@ -266,32 +277,34 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     const int64_t T = tokens_, d = shape_.d_model, k = router_.options().route.k;
     const DType c = options_.dtype;
     const RoutingPlan& plan = router_.forward_plan();
-    const void* dy_c = dy;
-    std::vector<char> converted;
+    const TensorView dy_in = TensorView::contiguous(dy, x_dtype_, {T, d});
+    TensorView dy_c = dy_in;
     if (x_dtype_ != c) {
-      converted.resize(static_cast<size_t>(T * d * dtype_size(c)));
-      convert_activations(dy, x_dtype_, converted.data(), c, T * d);
-      dy_c = converted.data();
+      dy_c = workspace_.matrix(kTokens, c, T, d);
+      ops_->convert(dy_in, dy_c);
     }
-    d_expert_out_.resize(expert_out_.size());
-    d_gate_.resize(static_cast<size_t>(T * k));
-    combine_backward(dy_c, expert_out_.data(), c, d, layout_, plan.gate.data(),
-                     d_expert_out_.data(), d_gate_.data());
-    d_buffer_.resize(buffer_.size());
+    const int64_t rows = layout_.total_rows;
+    const TensorView buffer = workspace_.matrix(kBuffer, c, rows, d);
+    const TensorView d_expert_out = workspace_.matrix(kDExpertOut, c, rows, d);
+    const TensorView d_gate = workspace_.matrix(kDGate, DType::float32, T, k);
+    ops_->combine_backward(dy_c, workspace_.matrix(kExpertOut, c, rows, d), layout_,
+                           TensorView::contiguous(plan.gate.data(), DType::float32, {T, k}),
+                           d_expert_out, d_gate);
+    const TensorView d_buffer = workspace_.matrix(kDBuffer, c, rows, d);
     if (!comm_) {
-      experts_backward(shape_, weights_.params(), layout_.expert_offset.data(), buffer_.data(),
-                       cache_, d_expert_out_.data(), d_buffer_.data(), weights_.grads());
+      ops_->experts_backward(shape_, weights_.params(), layout_.expert_offset.data(), buffer,
+                             cache_, d_expert_out, d_buffer, weights_.grads());
     } else {
       backward_experts();
     }
-    dx_experts_.resize(static_cast<size_t>(T * d * dtype_size(c)));
-    dispatch_backward(d_buffer_.data(), c, d, layout_, dx_experts_.data());
+    const TensorView dx_experts = workspace_.matrix(kDxExperts, c, T, d);
+    ops_->dispatch_backward(d_buffer, layout_, dx_experts);
 
     // The router's path: d(gate) plus the scaled losses, back to x through the logits.
-    dx_router_.resize(static_cast<size_t>(T * d * dtype_size(x_dtype_)));
-    router_.backward(d_gate_.data(), options_.aux_loss_coef, options_.z_loss_coef,
-                     dx_router_.data());
-    add_activations(dx_experts_.data(), c, dx_router_.data(), x_dtype_, T * d, dx);
+    const TensorView dx_router = workspace_.matrix(kDxRouter, x_dtype_, T, d);
+    router_.backward(d_gate.as<const float>(), options_.aux_loss_coef, options_.z_loss_coef,
+                     dx_router.data);
+    add_activations(dx_experts.data, c, dx_router.data, x_dtype_, T * d, dx);
   });
 }
 
@@ -303,7 +316,8 @@ SwitchStats SwitchFFN::stats() const {
   if (T == 0) return s;  // an expert-parallel rank without tokens
   s.drop_fraction = static_cast<double>(p.dropped) / static_cast<double>(p.num_tokens * p.k);
   std::vector<float> probs(static_cast<size_t>(T * E));
-  softmax_rows(router_.last_logits().data(), T, E, probs.data());
+  ops_->softmax_rows(TensorView::contiguous(router_.last_logits().data(), DType::float32, {T, E}),
+                     TensorView::contiguous(probs.data(), DType::float32, {T, E}));
   double entropy = 0;
   for (float pi : probs) {
     if (pi > 0) entropy -= static_cast<double>(pi) * std::log(static_cast<double>(pi));
@@ -319,7 +333,9 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
     : shape_{1, d_model, d_ff, options.activation},
       options_(options),
       weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
-               options.init_scale, options.seed) {
+               options.init_scale, options.seed),
+      ops_(&cpu_backend()),
+      workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "DenseFFN", "options.dtype");
   check_dropout("DenseFFN", "dropout", options.dropout);
 }
@@ -330,17 +346,16 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
   has_forward_ = false;
   const int64_t d = shape_.d_model;
   const DType c = options_.dtype;
-  x_compute_.resize(static_cast<size_t>(T * d * dtype_size(c)));
-  convert_activations(x, x_dtype, x_compute_.data(), c, T * d);
+  const TensorView x_c = workspace_.matrix(kX, c, T, d);
+  ops_->convert(TensorView::contiguous(x, x_dtype, {T, d}), x_c);
   const int64_t offsets[2] = {0, T};
   DropoutSpec dropout;
   if (training && options_.dropout > 0) {
     dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
   }
-  y_compute_.resize(x_compute_.size());
-  experts_forward(shape_, weights_.params(), offsets, c, x_compute_.data(), y_compute_.data(),
-                  &cache_, dropout);
-  convert_activations(y_compute_.data(), c, y, x_dtype, T * d);
+  const TensorView y_c = workspace_.matrix(kY, c, T, d);
+  ops_->experts_forward(shape_, weights_.params(), offsets, x_c, y_c, &cache_, dropout);
+  ops_->convert(y_c, TensorView::contiguous(y, x_dtype, {T, d}));
   x_dtype_ = x_dtype;
   tokens_ = T;
   has_forward_ = true;
@@ -352,13 +367,13 @@ void DenseFFN::backward(const void* dy, void* dx) {
                        "first");
   const int64_t T = tokens_, d = shape_.d_model;
   const DType c = options_.dtype;
-  dy_compute_.resize(x_compute_.size());
-  dx_compute_.resize(x_compute_.size());
-  convert_activations(dy, x_dtype_, dy_compute_.data(), c, T * d);
+  const TensorView dy_c = workspace_.matrix(kDy, c, T, d);
+  const TensorView dx_c = workspace_.matrix(kDx, c, T, d);
+  ops_->convert(TensorView::contiguous(dy, x_dtype_, {T, d}), dy_c);
   const int64_t offsets[2] = {0, T};
-  experts_backward(shape_, weights_.params(), offsets, x_compute_.data(), cache_,
-                   dy_compute_.data(), dx_compute_.data(), weights_.grads());
-  convert_activations(dx_compute_.data(), c, dx, x_dtype_, T * d);
+  ops_->experts_backward(shape_, weights_.params(), offsets, workspace_.matrix(kX, c, T, d), cache_,
+                         dy_c, dx_c, weights_.grads());
+  ops_->convert(dx_c, TensorView::contiguous(dx, x_dtype_, {T, d}));
 }
 
 }  // namespace pyswitch::moe

@@ -13,6 +13,7 @@
 #include "pyswitch/moe/expert.hpp"
 #include "pyswitch/moe/router.hpp"
 #include "pyswitch/tensor.hpp"
+#include "pyswitch/workspace.hpp"
 
 namespace pyswitch::moe {
 
@@ -128,14 +129,28 @@ class SwitchFFN {
   EpLayout exchange_;  // expert parallelism: the exchange layout of the last forward
   // State of the last forward, kept for backward.
   DispatchLayout layout_;
-  std::vector<char> buffer_, expert_out_;  // (rows, d_model) in the compute dtype, this rank's
-  std::vector<char> expert_in_, expert_result_;  // expert parallelism: the local experts' rows
-  std::vector<char> wire_;                       // expert parallelism: rows in rank order
-  std::vector<char> d_expert_in_;                // expert parallelism: backward of expert_in_
+  // Every kernel is reached through the backend table; the buffers live in the layer's arena,
+  // kept between steps (their pages are touched once). Rows are (rows, d_model) in the compute
+  // dtype unless noted.
+  enum Slot {
+    kTokens,        // x or dy converted to the compute dtype (when it differs)
+    kBuffer,        // the packed expert buffer, this rank's rows (kept for backward)
+    kExpertOut,     // the experts' outputs for this rank's rows (kept for backward)
+    kCombined,      // y in the compute dtype (when x's dtype differs)
+    kExpertIn,      // expert parallelism: the local experts' rows (kept for backward)
+    kExpertResult,  // expert parallelism: their outputs; in backward, the permuted dy
+    kWire,          // expert parallelism: rows in rank order
+    kDExpertIn,     // expert parallelism: backward of kExpertIn
+    kDExpertOut,
+    kDBuffer,
+    kDxExperts,  // (T, d_model) compute dtype
+    kDxRouter,   // (T, d_model) in x's dtype
+    kDGate,      // (T, k) float32
+    kSlotCount
+  };
+  const BackendOps* ops_;
+  Workspace workspace_;
   ExpertCache cache_;
-  // Backward workspaces, kept between steps (their pages are touched once).
-  std::vector<char> d_expert_out_, d_buffer_, dx_experts_, dx_router_;
-  std::vector<float> d_gate_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
   uint64_t training_steps_ = 0;
@@ -177,7 +192,10 @@ class DenseFFN {
   ExpertShape shape_;
   DenseFFNOptions options_;
   ExpertWeights weights_;
-  std::vector<char> x_compute_, y_compute_, dy_compute_, dx_compute_;  // reused between steps
+  // The layer's arena (see SwitchFFN): x, y, dy and dx in the compute dtype.
+  enum Slot { kX, kY, kDy, kDx, kSlotCount };
+  const BackendOps* ops_;
+  Workspace workspace_;
   ExpertCache cache_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
