@@ -9,6 +9,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <utility>
 
 #include "gemm.hpp"
 #include "pyswitch/backend.hpp"
@@ -227,6 +228,60 @@ void cpu_rmsnorm_backward(const TensorView& dy, const TensorView& x, const Tenso
                        inv_rms.as<const float>(), T, d, dx.as<float>(), d_weight.as<float>());
 }
 
+// (batch * S, 3 * heads * Dh) -> S and Dh, checked.
+std::pair<int64_t, int64_t> attention_sizes(const char* op, const TensorView& qkv, int64_t batch,
+                                            int64_t heads) {
+  require(op, "qkv", qkv, kFloat32, {-1, -1});
+  PYSWITCH_CHECK_ARG(
+      batch >= 1 && heads >= 1 && qkv.shape[0] % batch == 0 && qkv.shape[1] % (3 * heads) == 0, op,
+      ": qkv of shape ", shape_text(qkv), " does not split into batch ", batch,
+      " and 3 * heads = ", 3 * heads);
+  return {qkv.shape[0] / batch, qkv.shape[1] / (3 * heads)};
+}
+
+void cpu_rope_apply(const TensorView& qkv, int64_t batch, int64_t heads, double base,
+                    bool inverse) {
+  const auto [S, Dh] = attention_sizes("rope_apply", qkv, batch, heads);
+  nn::rope_apply(qkv.as<float>(), batch, S, heads, Dh, base, inverse);
+}
+
+void cpu_attention_forward(const TensorView& qkv, int64_t batch, int64_t heads,
+                           const TensorView& out, const TensorView& probs) {
+  const auto [S, Dh] = attention_sizes("attention_forward", qkv, batch, heads);
+  require("attention_forward", "out", out, kFloat32, {batch * S, heads * Dh});
+  require("attention_forward", "probs", probs, kFloat32, {batch, heads, S, S});
+  nn::attention_forward(qkv.as<const float>(), batch, S, heads, Dh, out.as<float>(),
+                        probs.as<float>());
+}
+
+void cpu_attention_backward(const TensorView& d_out, const TensorView& qkv, const TensorView& probs,
+                            int64_t batch, int64_t heads, const TensorView& d_qkv) {
+  const auto [S, Dh] = attention_sizes("attention_backward", qkv, batch, heads);
+  require("attention_backward", "d_out", d_out, kFloat32, {batch * S, heads * Dh});
+  require("attention_backward", "probs", probs, kFloat32, {batch, heads, S, S});
+  require("attention_backward", "d_qkv", d_qkv, kFloat32, {batch * S, 3 * heads * Dh});
+  nn::attention_backward(d_out.as<const float>(), qkv.as<const float>(), probs.as<const float>(),
+                         batch, S, heads, Dh, d_qkv.as<float>());
+}
+
+void cpu_embedding_forward(const TensorView& table, const TensorView& tokens,
+                           const TensorView& out) {
+  require("embedding_forward", "table", table, kFloat32, {-1, -1});
+  require("embedding_forward", "tokens", tokens, {DType::int32}, {-1});
+  require("embedding_forward", "out", out, kFloat32, {tokens.shape[0], table.shape[1]});
+  nn::embedding_forward(table.as<const float>(), table.shape[0], table.shape[1],
+                        tokens.as<const int32_t>(), tokens.shape[0], out.as<float>());
+}
+
+void cpu_embedding_backward(const TensorView& d_out, const TensorView& tokens,
+                            const TensorView& d_table) {
+  require("embedding_backward", "d_table", d_table, kFloat32, {-1, -1});
+  require("embedding_backward", "tokens", tokens, {DType::int32}, {-1});
+  require("embedding_backward", "d_out", d_out, kFloat32, {tokens.shape[0], d_table.shape[1]});
+  nn::embedding_backward(d_out.as<const float>(), tokens.as<const int32_t>(), tokens.shape[0],
+                         d_table.shape[0], d_table.shape[1], d_table.as<float>());
+}
+
 double cpu_cross_entropy(const TensorView& logits, const TensorView& targets, float grad_scale,
                          const TensorView& d_logits) {
   require("cross_entropy", "logits", logits, kFloat32, {-1, -1});
@@ -303,6 +358,11 @@ BackendOps make_cpu_table() {
   t.gemm = cpu_gemm;
   t.rmsnorm_forward = cpu_rmsnorm_forward;
   t.rmsnorm_backward = cpu_rmsnorm_backward;
+  t.rope_apply = cpu_rope_apply;
+  t.attention_forward = cpu_attention_forward;
+  t.attention_backward = cpu_attention_backward;
+  t.embedding_forward = cpu_embedding_forward;
+  t.embedding_backward = cpu_embedding_backward;
   t.cross_entropy = cpu_cross_entropy;
   t.adamw_update = cpu_adamw_update;
   t.adafactor_update = cpu_adafactor_update;
@@ -331,6 +391,11 @@ void for_each_op(const BackendOps& t, F&& visit) {
   visit("gemm", t.gemm != nullptr);
   visit("rmsnorm_forward", t.rmsnorm_forward != nullptr);
   visit("rmsnorm_backward", t.rmsnorm_backward != nullptr);
+  visit("rope_apply", t.rope_apply != nullptr);
+  visit("attention_forward", t.attention_forward != nullptr);
+  visit("attention_backward", t.attention_backward != nullptr);
+  visit("embedding_forward", t.embedding_forward != nullptr);
+  visit("embedding_backward", t.embedding_backward != nullptr);
   visit("cross_entropy", t.cross_entropy != nullptr);
   visit("adamw_update", t.adamw_update != nullptr);
   visit("adafactor_update", t.adafactor_update != nullptr);

@@ -435,6 +435,69 @@ void add_nn_and_optim_cases(std::vector<OpCase>& cases) {
            return Outputs{{"dx", a.download(dx, {T, d})}, {"d_weight", a.download(dw, {d})}};
          }});
   }
+  struct Attn {
+    int64_t B, S, H, Dh;
+  };
+  for (Attn at : {Attn{1, 1, 1, 2}, Attn{2, 5, 3, 4}, Attn{1, 33, 2, 8}}) {
+    const int64_t rows = at.B * at.S, cols = 3 * at.H * at.Dh, width = at.H * at.Dh;
+    const std::string name = "B" + std::to_string(at.B) + "_S" + std::to_string(at.S) + "_H" +
+                             std::to_string(at.H) + "_Dh" + std::to_string(at.Dh);
+    const auto qkv = normal_vector(static_cast<size_t>(rows * cols), 65);
+    const auto d_out = normal_vector(static_cast<size_t>(rows * width), 66);
+    const std::vector<int64_t> probs_shape{at.B, at.H, at.S, at.S};
+    for (bool inverse : {false, true}) {
+      cases.push_back({"rope_apply", name + (inverse ? "_inverse" : ""), 1e-6,
+                       [=](const BackendOps& ops, DeviceArena& a) {
+                         TensorView q = a.upload(HostTensor::f32({rows, cols}, qkv));
+                         ops.rope_apply(q, at.B, at.H, 10000.0, inverse);
+                         return Outputs{{"qkv", a.download(q, {rows, cols})}};
+                       }});
+    }
+    auto forward = [=](const BackendOps& ops, DeviceArena& a, TensorView& q, TensorView& out,
+                       TensorView& probs) {
+      q = a.upload(HostTensor::f32({rows, cols}, qkv));
+      out = a.upload(HostTensor::zeros(DType::float32, {rows, width}));
+      probs = a.upload(HostTensor::zeros(DType::float32, probs_shape));
+      ops.attention_forward(q, at.B, at.H, out, probs);
+    };
+    cases.push_back({"attention_forward", name, 1e-5, [=](const BackendOps& ops, DeviceArena& a) {
+                       TensorView q, out, probs;
+                       forward(ops, a, q, out, probs);
+                       return Outputs{{"out", a.download(out, {rows, width})},
+                                      {"probs", a.download(probs, probs_shape)}};
+                     }});
+    cases.push_back({"attention_backward", name, 1e-5, [=](const BackendOps& ops, DeviceArena& a) {
+                       TensorView q, out, probs;
+                       forward(ops, a, q, out, probs);
+                       TensorView dq = a.upload(HostTensor::zeros(DType::float32, {rows, cols}));
+                       ops.attention_backward(a.upload(HostTensor::f32({rows, width}, d_out)), q,
+                                              probs, at.B, at.H, dq);
+                       return Outputs{{"d_qkv", a.download(dq, {rows, cols})}};
+                     }});
+  }
+  for (auto [T, V] : {std::pair<int64_t, int64_t>{0, 3}, {1, 1}, {9, 5}}) {
+    const int64_t d = 7;
+    const std::string name = "T" + std::to_string(T) + "_V" + std::to_string(V);
+    const auto table = normal_vector(static_cast<size_t>(V * d), 67);
+    const auto d_out = normal_vector(static_cast<size_t>(T * d), 68);
+    std::vector<int32_t> tokens(static_cast<size_t>(T));
+    // Repeated tokens: the backward accumulates several rows into one.
+    for (int64_t t = 0; t < T; ++t)
+      tokens[static_cast<size_t>(t)] = static_cast<int32_t>((t * 3) % V);
+    cases.push_back({"embedding_forward", name, 0.0, [=](const BackendOps& ops, DeviceArena& a) {
+                       TensorView out = a.upload(HostTensor::zeros(DType::float32, {T, d}));
+                       ops.embedding_forward(a.upload(HostTensor::f32({V, d}, table)),
+                                             a.upload(ints32(tokens)), out);
+                       return Outputs{{"out", a.download(out, {T, d})}};
+                     }});
+    cases.push_back({"embedding_backward", name, 1e-6, [=](const BackendOps& ops, DeviceArena& a) {
+                       TensorView dt =
+                           a.upload(HostTensor::f32({V, d}, table));  // accumulated into
+                       ops.embedding_backward(a.upload(HostTensor::f32({T, d}, d_out)),
+                                              a.upload(ints32(tokens)), dt);
+                       return Outputs{{"d_table", a.download(dt, {V, d})}};
+                     }});
+  }
   for (auto [T, V] : {std::pair<int64_t, int64_t>{1, 2}, {7, 33}, {40, 257}}) {
     const std::string name = "T" + std::to_string(T) + "_V" + std::to_string(V);
     const auto logits = normal_vector(static_cast<size_t>(T * V), 71, 3.0f);

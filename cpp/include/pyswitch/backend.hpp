@@ -91,6 +91,23 @@ struct BackendOps {
   void (*rmsnorm_backward)(const TensorView& dy, const TensorView& x, const TensorView& weight,
                            const TensorView& inv_rms, const TensorView& dx,
                            const TensorView& d_weight) = nullptr;
+  /// Rotary embedding in place on the q and k parts of qkv (batch * S, 3 * heads * Dh); the
+  /// inverse rotation when `inverse` (the backward).
+  void (*rope_apply)(const TensorView& qkv, int64_t batch, int64_t heads, double base,
+                     bool inverse) = nullptr;
+  /// Causal attention: out (batch * S, heads * Dh) and probs (batch, heads, S, S) written.
+  void (*attention_forward)(const TensorView& qkv, int64_t batch, int64_t heads,
+                            const TensorView& out, const TensorView& probs) = nullptr;
+  /// d_qkv (batch * S, 3 * heads * Dh) written from d_out and the forward's qkv and probs.
+  void (*attention_backward)(const TensorView& d_out, const TensorView& qkv,
+                             const TensorView& probs, int64_t batch, int64_t heads,
+                             const TensorView& d_qkv) = nullptr;
+  /// out (T, d) = table (V, d) rows of tokens (T,) int32 (InvalidArgument outside [0, V)).
+  void (*embedding_forward)(const TensorView& table, const TensorView& tokens,
+                            const TensorView& out) = nullptr;
+  /// d_table (V, d) accumulated with d_out (T, d) rows, in token order.
+  void (*embedding_backward)(const TensorView& d_out, const TensorView& tokens,
+                             const TensorView& d_table) = nullptr;
   /// Cross-entropy of logits (T, V) against targets (T,) int32; returns the summed loss and
   /// writes d_logits (T, V) scaled by grad_scale when d_logits.data is not null.
   double (*cross_entropy)(const TensorView& logits, const TensorView& targets, float grad_scale,

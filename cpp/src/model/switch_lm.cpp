@@ -13,6 +13,14 @@
 namespace pyswitch::model {
 namespace {
 
+// The model's float32 buffers as views for the backend table.
+TensorView f32(const std::vector<float>& v, std::initializer_list<int64_t> dims) {
+  return TensorView::contiguous(v.data(), DType::float32, dims);
+}
+TensorView i32(const int32_t* data, int64_t n) {
+  return TensorView::contiguous(data, DType::int32, {n});
+}
+
 // Parameter streams of the model's own tensors (the FFN layers draw from their own seeds).
 constexpr uint64_t kStreamModel = kStreamInit + 1000;
 
@@ -70,7 +78,7 @@ struct SwitchLM::Block {
 };
 
 SwitchLM::SwitchLM(const SwitchLMConfig& c, comm::Communicator* comm)
-    : config_((validate(c, comm), c)), comm_(comm) {
+    : config_((validate(c, comm), c)), comm_(comm), ops_(&cpu_backend()) {
   const int64_t d = c.d_model, V = c.vocab_size;
   auto init = [&](std::vector<float>& w, int64_t n, int64_t fan_in, uint64_t stream) {
     w.resize(static_cast<size_t>(n));
@@ -185,12 +193,12 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
     set_training_steps(training_steps_);
     ++training_steps_;
   }
-  const int64_t d = c.d_model, T = B * S, H = c.num_heads, Dh = d / H, V = c.vocab_size;
+  const int64_t d = c.d_model, T = B * S, H = c.num_heads, V = c.vocab_size;
   B_ = B;
   S_ = S;
   inputs_.assign(inputs, inputs + T);
   h0_.resize(static_cast<size_t>(T * d));
-  nn::embedding_forward(embed_.data(), V, d, inputs, T, h0_.data());
+  ops_->embedding_forward(f32(embed_, {V, d}), i32(inputs, T), f32(h0_, {T, d}));
   const std::vector<float>* h = &h0_;
   std::vector<float>& projected = work_projected_;
   projected.resize(static_cast<size_t>(T * d));
@@ -199,21 +207,22 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
     b.h_in = *h;
     b.a.resize(b.h_in.size());
     b.a_inv.resize(static_cast<size_t>(T));
-    nn::rmsnorm_forward(b.h_in.data(), b.attn_norm.data(), T, d, static_cast<float>(c.norm_eps),
-                        b.a.data(), b.a_inv.data());
+    ops_->rmsnorm_forward(f32(b.h_in, {T, d}), f32(b.attn_norm, {d}),
+                          static_cast<float>(c.norm_eps), f32(b.a, {T, d}), f32(b.a_inv, {T}));
     b.qkv.resize(static_cast<size_t>(T * 3 * d));
     b.qkv_proj.forward(b.w_qkv.data(), b.a.data(), T, b.qkv.data());
-    nn::rope_apply(b.qkv.data(), B, S, H, Dh, c.rope_base, false);
+    ops_->rope_apply(f32(b.qkv, {T, 3 * d}), B, H, c.rope_base, /*inverse=*/false);
     b.probs.resize(static_cast<size_t>(B * H * S * S));
     b.attn.resize(static_cast<size_t>(T * d));
-    nn::attention_forward(b.qkv.data(), B, S, H, Dh, b.attn.data(), b.probs.data());
+    ops_->attention_forward(f32(b.qkv, {T, 3 * d}), B, H, f32(b.attn, {T, d}),
+                            f32(b.probs, {B, H, S, S}));
     b.out_proj.forward(b.w_o.data(), b.attn.data(), T, projected.data());
     b.h_mid.resize(b.h_in.size());
     add_into(b.h_mid.data(), b.h_in.data(), projected.data(), T * d);
     b.f.resize(b.h_in.size());
     b.f_inv.resize(static_cast<size_t>(T));
-    nn::rmsnorm_forward(b.h_mid.data(), b.ffn_norm.data(), T, d, static_cast<float>(c.norm_eps),
-                        b.f.data(), b.f_inv.data());
+    ops_->rmsnorm_forward(f32(b.h_mid, {T, d}), f32(b.ffn_norm, {d}),
+                          static_cast<float>(c.norm_eps), f32(b.f, {T, d}), f32(b.f_inv, {T}));
     b.ffn_out.resize(b.h_in.size());
     if (b.switch_ffn) {
       b.switch_ffn->forward(b.f.data(), DType::float32, T, training, b.ffn_out.data());
@@ -227,12 +236,11 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
   }
   z_.resize(static_cast<size_t>(T * d));
   z_inv_rms_.resize(static_cast<size_t>(T));
-  nn::rmsnorm_forward(h_final_.data(), final_norm_.data(), T, d, static_cast<float>(c.norm_eps),
-                      z_.data(), z_inv_rms_.data());
+  ops_->rmsnorm_forward(f32(h_final_, {T, d}), f32(final_norm_, {d}),
+                        static_cast<float>(c.norm_eps), f32(z_, {T, d}), f32(z_inv_rms_, {T}));
   logits_.resize(static_cast<size_t>(T * V));
   // The tied output head: logits = z @ embed^T, in float32 (the loss is float32).
-  detail::gemm(DType::float32, false, true, T, V, d, 1.0f, z_.data(), d, embed_.data(), d, 0.0f,
-               logits_.data(), V);
+  ops_->gemm(f32(z_, {T, d}), false, f32(embed_, {V, d}), true, f32(logits_, {T, V}), 1.0f, 0.0f);
 }
 
 LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool training, bool backward,
@@ -242,7 +250,7 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
                      "B, S >= 1, got B=", B, " S=", S);
   PYSWITCH_CHECK_ARG(loss_tokens >= 1, "SwitchLM.step: loss_tokens must be >= 1, got ",
                      loss_tokens);
-  const int64_t d = c.d_model, T = B * S, H = c.num_heads, Dh = d / H, V = c.vocab_size;
+  const int64_t d = c.d_model, T = B * S, H = c.num_heads, V = c.vocab_size;
   std::vector<int32_t> inputs(static_cast<size_t>(T)), targets(static_cast<size_t>(T));
   for (int64_t b = 0; b < B; ++b) {
     std::copy_n(tokens + b * (S + 1), S, inputs.data() + b * S);
@@ -257,8 +265,9 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
   forward(inputs.data(), B, S, training);
   const float scale = static_cast<float>(1.0 / static_cast<double>(loss_tokens));
   d_logits_.resize(backward ? logits_.size() : 0);
-  const double ce_sum = nn::cross_entropy(logits_.data(), targets.data(), T, V, scale,
-                                          backward ? d_logits_.data() : nullptr);
+  const TensorView d_logits = backward ? f32(d_logits_, {T, V}) : TensorView{};
+  const double ce_sum =
+      ops_->cross_entropy(f32(logits_, {T, V}), i32(targets.data(), T), scale, d_logits);
   LossParts loss;
   loss.tokens = T;
   loss.ce = ce_sum / static_cast<double>(loss_tokens);
@@ -280,12 +289,10 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
   d_branch.resize(static_cast<size_t>(T * d));
   d_norm.resize(static_cast<size_t>(T * d));
   d_qkv.resize(static_cast<size_t>(T * 3 * d));
-  detail::gemm(DType::float32, false, false, T, d, V, 1.0f, d_logits_.data(), V, embed_.data(), d,
-               0.0f, dz.data(), d);
-  detail::gemm(DType::float32, true, false, V, d, T, 1.0f, d_logits_.data(), V, z_.data(), d, 0.0f,
-               embed_grad_.data(), d);
-  nn::rmsnorm_backward(dz.data(), h_final_.data(), final_norm_.data(), z_inv_rms_.data(), T, d,
-                       dh.data(), final_norm_grad_.data());
+  ops_->gemm(d_logits, false, f32(embed_, {V, d}), false, f32(dz, {T, d}), 1.0f, 0.0f);
+  ops_->gemm(d_logits, true, f32(z_, {T, d}), false, f32(embed_grad_, {V, d}), 1.0f, 0.0f);
+  ops_->rmsnorm_backward(f32(dz, {T, d}), f32(h_final_, {T, d}), f32(final_norm_, {d}),
+                         f32(z_inv_rms_, {T}), f32(dh, {T, d}), f32(final_norm_grad_, {d}));
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     // h_out = h_mid + ffn(norm(h_mid))
@@ -294,22 +301,22 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
     } else {
       b.dense_ffn->backward(dh.data(), d_branch.data());
     }
-    nn::rmsnorm_backward(d_branch.data(), b.h_mid.data(), b.ffn_norm.data(), b.f_inv.data(), T, d,
-                         d_norm.data(), b.ffn_norm_grad.data());
+    ops_->rmsnorm_backward(f32(d_branch, {T, d}), f32(b.h_mid, {T, d}), f32(b.ffn_norm, {d}),
+                           f32(b.f_inv, {T}), f32(d_norm, {T, d}), f32(b.ffn_norm_grad, {d}));
     add_into(dh.data(), dh.data(), d_norm.data(), T * d);  // dh is now d(h_mid)
     // h_mid = h_in + attention(rope(norm(h_in) W_qkv)) W_o
     b.out_proj.backward(b.w_o.data(), b.attn.data(), dh.data(), T, d_branch.data(),
                         b.w_o_grad.data());
-    nn::attention_backward(d_branch.data(), b.qkv.data(), b.probs.data(), B, S, H, Dh,
-                           d_qkv.data());
-    nn::rope_apply(d_qkv.data(), B, S, H, Dh, c.rope_base, /*inverse=*/true);
+    ops_->attention_backward(f32(d_branch, {T, d}), f32(b.qkv, {T, 3 * d}),
+                             f32(b.probs, {B, H, S, S}), B, H, f32(d_qkv, {T, 3 * d}));
+    ops_->rope_apply(f32(d_qkv, {T, 3 * d}), B, H, c.rope_base, /*inverse=*/true);
     b.qkv_proj.backward(b.w_qkv.data(), b.a.data(), d_qkv.data(), T, d_branch.data(),
                         b.w_qkv_grad.data());
-    nn::rmsnorm_backward(d_branch.data(), b.h_in.data(), b.attn_norm.data(), b.a_inv.data(), T, d,
-                         d_norm.data(), b.attn_norm_grad.data());
+    ops_->rmsnorm_backward(f32(d_branch, {T, d}), f32(b.h_in, {T, d}), f32(b.attn_norm, {d}),
+                           f32(b.a_inv, {T}), f32(d_norm, {T, d}), f32(b.attn_norm_grad, {d}));
     add_into(dh.data(), dh.data(), d_norm.data(), T * d);  // d(h_in)
   }
-  nn::embedding_backward(dh.data(), inputs.data(), T, V, d, embed_grad_.data());
+  ops_->embedding_backward(f32(dh, {T, d}), i32(inputs.data(), T), f32(embed_grad_, {V, d}));
   return loss;
 }
 

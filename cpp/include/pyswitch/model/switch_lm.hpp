@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "pyswitch/backend.hpp"
 #include "pyswitch/comm/communicator.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
 #include "pyswitch/nn/ops.hpp"
@@ -107,6 +108,7 @@ class SwitchLM {
 
   SwitchLMConfig config_;
   comm::Communicator* comm_;
+  const BackendOps* ops_;  // every kernel of the model's own ops goes through this table
   std::vector<float> embed_, embed_grad_, final_norm_, final_norm_grad_;
   std::vector<std::unique_ptr<Block>> blocks_;
   // Forward state kept for the backward.
