@@ -11,6 +11,7 @@
 #include "cpu/kernels.hpp"
 #include "gemm.hpp"
 #include "parallel.hpp"
+#include "pyswitch/backend.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/random.hpp"
@@ -331,7 +332,7 @@ void route_backward(const float* logits, const RoutingPlan& plan, const float* d
 // The Router layer.
 
 Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& options)
-    : d_model_(d_model), num_experts_(num_experts), options_(options) {
+    : d_model_(d_model), num_experts_(num_experts), options_(options), ops_(&cpu_backend()) {
   PYSWITCH_CHECK_ARG(d_model >= 1, "Router: d_model must be >= 1, got ", d_model);
   PYSWITCH_CHECK_ARG(num_experts >= 1, "Router: num_experts must be >= 1, got ", num_experts);
   PYSWITCH_CHECK_ARG(d_model <= (int64_t{1} << 31) && num_experts <= (int64_t{1} << 31) &&
@@ -378,6 +379,12 @@ void Router::set_global_losses(int64_t groups, int64_t tokens, double aux_sum, d
   plan_.z_loss = z_sum / static_cast<double>(tokens);
 }
 
+namespace {
+TensorView f32_view(const float* data, int64_t rows, int64_t cols) {
+  return TensorView::contiguous(data, DType::float32, {rows, cols});
+}
+}  // namespace
+
 const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, bool training,
                                          int64_t first_token) {
   PYSWITCH_CHECK_ARG(T >= 0 && first_token >= 0, "Router.forward: token counts must be >= 0, got ",
@@ -423,11 +430,12 @@ const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, 
     }
   });
   logits_.resize(static_cast<size_t>(T * num_experts_));
-  detail::sgemm(false, false, T, num_experts_, d_model_, 1.0f, x_used_.data(), d_model_,
-                weight_.data(), num_experts_, 0.0f, logits_.data(), num_experts_);
+  const TensorView logits = f32_view(logits_.data(), T, num_experts_);
+  ops_->gemm(f32_view(x_used_.data(), T, d_model_), false,
+             f32_view(weight_.data(), d_model_, num_experts_), false, logits, 1.0f, 0.0f);
   RouteOptions route_options = options_.route;
   if (!training) route_options.capacity_factor = options_.eval_capacity_factor;
-  plan_ = route(logits_.data(), T, num_experts_, route_options);
+  ops_->route(logits, route_options, plan_);
   x_dtype_ = dtype;
   has_forward_ = true;
   return plan_;
@@ -443,9 +451,11 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
     return;
   }
   std::vector<float> d_logits(static_cast<size_t>(T * E));
-  route_backward(logits_.data(), plan_, d_gate, aux_coef, z_coef, d_logits.data());
-  detail::sgemm(true, false, d, E, T, 1.0f, x_used_.data(), d, d_logits.data(), E, 0.0f,
-                weight_grad_.data(), E);
+  const TensorView d_logits_view = f32_view(d_logits.data(), T, E);
+  ops_->route_backward(f32_view(logits_.data(), T, E), plan_, f32_view(d_gate, T, plan_.k),
+                       aux_coef, z_coef, d_logits_view);
+  ops_->gemm(f32_view(x_used_.data(), T, d), true, d_logits_view, false,
+             f32_view(weight_grad_.data(), d, E), 1.0f, 0.0f);
   std::vector<float> dx_f32;
   float* dx_out = static_cast<float*>(dx);
   if (x_dtype_ == DType::bfloat16) {

@@ -11,6 +11,10 @@
 
 #include "pyswitch/tensor.hpp"
 
+namespace pyswitch {
+struct BackendOps;  // backend.hpp (which includes this header)
+}  // namespace pyswitch
+
 namespace pyswitch::moe {
 
 enum class Priority { position, batch_prioritized };
@@ -170,6 +174,9 @@ class Router {
  private:
   int64_t d_model_, num_experts_;
   RouterOptions options_;
+  // The logits GEMM, routing and its backward go through this table; the jitter and the dx
+  // rows (row-order-independent by construction) are CPU loops here.
+  const BackendOps* ops_;
   std::vector<float> weight_, weight_grad_;
   std::vector<float> x_used_;   // (T, d_model): the float32 router input after jitter
   std::vector<float> jitter_;   // (T, d_model): the last training forward's noise
