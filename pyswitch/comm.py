@@ -182,11 +182,6 @@ class Communicator:
         if counts.dtype.kind not in "iu" or counts.ndim != 1:  # slow path, for the messages
             counts = np.asarray([_as_int("all_to_all_v", "send_counts", c) for c in send_counts])
         counts = np.ascontiguousarray(counts, dtype=np.int64).reshape(-1)
-        if counts.shape[0] != self.size:
-            raise ValueError(
-                f"all_to_all_v: send_counts must have size={self.size} entries, "
-                f"got {counts.shape[0]}"
-            )
         if (counts < 0).any() or counts.sum() != x.shape[0]:
             raise ValueError(
                 "all_to_all_v: send_counts must be >= 0 and sum to x.shape[0]="

@@ -20,8 +20,6 @@ from . import _core
 from .routing import _as_factor
 from .runtime import _as_int, _as_seed
 
-_DTYPES = ("float32", "bfloat16")
-
 
 @dataclasses.dataclass
 class SwitchLMConfig:
@@ -89,8 +87,6 @@ class SwitchLM:
     def __init__(self, config: SwitchLMConfig | None = None, comm=None):
         c = config or SwitchLMConfig()
         where = "SwitchLM"
-        if c.dtype not in _DTYPES:
-            raise ValueError(f"{where}: dtype must be one of {_DTYPES}, got {c.dtype!r}")
         comm_impl = None
         if comm is not None:
             from .comm import Communicator

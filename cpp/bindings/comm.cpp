@@ -62,7 +62,8 @@ void bind_comm(py::module_& m) {
             const int W = c.size();
             if (rows.ndim() != 1 || rows.shape(0) != W) {
               throw InvalidArgument(
-                  detail::concat("all_to_all_v: send_counts must have ", W, " entries"));
+                  detail::concat("all_to_all_v: send_counts must have size=", W,
+                                 " entries, got ", rows.ndim() == 1 ? rows.shape(0) : rows.size()));
             }
             // After a failed call MPI may still write into its buffers (see comm/mpi.hpp):
             // buffers of a failed exchange are left allocated on purpose.
