@@ -134,6 +134,8 @@ void Trainer::reduce_replicated_gradients() {
   }
 }
 
+// A parameter with a bf16 compute copy (bf16 FFN matrices) has it written in the same pass as
+// the master, so the next forward needs no rounding pass over the weights.
 void Trainer::update(double lr) {
   ++optimizer_steps_;
   const TrainerOptions& o = options_;
@@ -144,12 +146,12 @@ void Trainer::update(double lr) {
       optim::AdafactorOptions a = o.adafactor;
       a.weight_decay = decay;
       optim::adafactor_step(p.data, p.grad, s.first.data(), s.second.data(), s.third.data(),
-                            s.shape, optimizer_steps_, lr, a);
+                            s.shape, optimizer_steps_, lr, a, p.compute_copy);
     } else {
       optim::AdamWOptions a = o.adamw;
       a.weight_decay = o.weight_decay;
       optim::adamw_step(p.data, p.grad, s.first.data(), s.second.data(), s.size, optimizer_steps_,
-                        lr, a, p.decay);
+                        lr, a, p.decay, p.compute_copy);
     }
   }
 }

@@ -123,6 +123,7 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed,
                first_expert_) {
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
+  if (options.dtype == DType::bfloat16) weights_.enable_compute_copy();
   PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
                      "SwitchFFN: aux_loss_coef and z_loss_coef must be finite, got ",
                      options.aux_loss_coef, " and ", options.z_loss_coef);
@@ -174,8 +175,8 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
                  0};
     }
     if (!comm_) {
-      experts_forward(shape_, weights_.params(), layout_.expert_offset.data(), c, buffer_.data(),
-                      expert_out_.data(), &cache_, dropout);
+      experts_forward(shape_, weights_.compute_params(c), layout_.expert_offset.data(), c,
+                      buffer_.data(), expert_out_.data(), &cache_, dropout);
     } else {
       forward_experts(dropout);
     }
@@ -303,8 +304,8 @@ void SwitchFFN::forward_experts(DropoutSpec dropout) {
   exchange_rows(buffer_.data(), wire_.data(), /*to_owners=*/true);
   permute_rows(wire_.data(), expert_in_.data(), /*to_expert_major=*/true);
   dropout.first_row = exchange_.first_row;
-  experts_forward(shape_, weights_.params(), exchange_.local_offsets.data(), options_.dtype,
-                  expert_in_.data(), expert_result_.data(), &cache_, dropout);
+  experts_forward(shape_, weights_.compute_params(options_.dtype), exchange_.local_offsets.data(),
+                  options_.dtype, expert_in_.data(), expert_result_.data(), &cache_, dropout);
   permute_rows(expert_result_.data(), wire_.data(), /*to_expert_major=*/false);
   exchange_rows(wire_.data(), expert_out_.data(), /*to_owners=*/false);
 }
@@ -384,6 +385,7 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
       weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
                options.init_scale, options.seed) {
   check_dropout("DenseFFN", "dropout", options.dropout);
+  if (options.dtype == DType::bfloat16) weights_.enable_compute_copy();
 }
 
 void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, void* y) {
@@ -400,8 +402,8 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
     dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
   }
   y_compute_.resize(x_compute_.size());
-  experts_forward(shape_, weights_.params(), offsets, c, x_compute_.data(), y_compute_.data(),
-                  &cache_, dropout);
+  experts_forward(shape_, weights_.compute_params(c), offsets, c, x_compute_.data(),
+                  y_compute_.data(), &cache_, dropout);
   convert_activations(y_compute_.data(), c, y, x_dtype, T * d);
   x_dtype_ = x_dtype;
   tokens_ = T;
