@@ -80,7 +80,7 @@ struct ExpertGrads {
 ///   before the next forward needs nothing more.
 /// - while any live view is registered (add_live_view, used by the Python bindings for every
 ///   NumPy view of a master), every forward re-rounds, since the holder may write at any time;
-///   dropping the last one marks the copy stale.
+///   each one dropped marks the copy stale.
 /// - the optimizer (Trainer) writes the copy in the same loop as the master update
 ///   (w_in_bf16() etc.), leaving it fresh at no extra pass.
 /// Without a copy (float32 layers) all of this is a no-op and bf16 forwards round as before.
