@@ -8,11 +8,12 @@ each per round, in a rotating order, so the three see the same machine state. Re
 median step time of each, after / before (same round), and each build's ratio to torch.
 
 Cases: the SwitchFFN layer step of bench_layer (T=8192, d_model 512, d_ff 2048, forward +
-backward, float32; torch-index baseline) at E=8 and E=64, and the training step of bench_train
-(batch 16 x 256, float32; its PyTorch model) for the Switch E=8 and the dense model.
+backward, float32; torch-index baseline) at E=8 and E=64 (a "-bf16" suffix, say layer-e64-bf16,
+runs bench_layer's bfloat16 row instead), and the training step of bench_train (batch 16 x 256,
+float32; its PyTorch model) for the Switch E=8 and the dense model.
 
     python benchmarks/ab_compare.py --before /path/to/old/venv/bin/python [--after PYTHON]
-        [--cases layer-e8,layer-e64,train-switch,train-dense] [--rounds 15]
+        [--cases layer-e8,layer-e64,train-switch,train-dense] [--rounds 15] [--no-torch]
 
 Each Python must import its own pyswitch (and numpy); torch runs under --after. Environment for
 the before build (say LD_LIBRARY_PATH) goes through --before-env KEY=VALUE.
@@ -41,14 +42,16 @@ def build_step(impl: str, case: str, threads: int):
     if case.startswith("layer"):
         import bench_layer as bl
 
-        E = int(case.split("-e")[1])
+        parts = case.split("-")  # layer, e<E>[, bf16]
+        E = int(parts[1][1:])
+        dtype = "bfloat16" if parts[2:] == ["bf16"] else "float32"
         T, d, f = 8192, 512, 2048
-        x, dy = bl.make_inputs(T, d, "float32")
+        x, dy = bl.make_inputs(T, d, dtype)
         if impl == "pyswitch":
             import pyswitch as ps
 
             ps.set_num_threads(threads)
-            layer = bl.make_pyswitch_layer(ps, d, f, E, "float32")
+            layer = bl.make_pyswitch_layer(ps, d, f, E, dtype)
 
             def step():
                 layer.forward(x, training=True)
@@ -58,7 +61,7 @@ def build_step(impl: str, case: str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        model = bl.TorchMoE(torch, "index", bl.numpy_weights(d, f, E), "float32")
+        model = bl.TorchMoE(torch, "index", bl.numpy_weights(d, f, E), dtype)
         xt, dyt = bl.to_torch(torch, x).requires_grad_(True), bl.to_torch(torch, dy)
         return lambda: model.train_step(xt, dyt)
 
@@ -129,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--no-torch", action="store_true", help="time the two builds only")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -151,12 +155,14 @@ def main(argv=None) -> int:
         workers = {
             "before": Worker(args.before, "pyswitch", case, before_env),
             "after": Worker(args.after, "pyswitch", case, dict(os.environ)),
-            "torch": Worker(args.after, "torch", case, dict(os.environ)),
         }
+        if not args.no_torch:
+            workers["torch"] = Worker(args.after, "torch", case, dict(os.environ))
         names = list(workers)
         times = {n: [] for n in names}
         for r in range(args.warmup + args.rounds):
-            order = names[r % 3 :] + names[: r % 3]  # rotate, so no build always goes first
+            k = r % len(names)
+            order = names[k:] + names[:k]  # rotate, so no build always goes first
             for n in order:
                 t = workers[n].step()
                 if r >= args.warmup:
@@ -165,19 +171,20 @@ def main(argv=None) -> int:
             w.close()
         med = {n: float(np.median(v)) for n, v in times.items()}
         speedup = [b / a for b, a in zip(times["before"], times["after"])]
+        torch_s = med.get("torch", float("nan"))
         row = {
             "case": case,
             "median_s": med,
             "after_over_before_speed": float(np.median(speedup)),
-            "before_vs_torch": med["torch"] / med["before"],
-            "after_vs_torch": med["torch"] / med["after"],
+            "before_vs_torch": torch_s / med["before"],
+            "after_vs_torch": torch_s / med["after"],
             "rounds": args.rounds,
             "samples_s": times,
         }
         results.append(row)
         print(
-            f"{case:14s} {1e3 * med['before']:10.0f} {1e3 * med['after']:10.0f} "
-            f"{1e3 * med['torch']:10.0f} {row['after_over_before_speed']:11.3f}x "
+            f"{case:14s} {1e3 * med['before']:10.1f} {1e3 * med['after']:10.1f} "
+            f"{1e3 * torch_s:10.1f} {row['after_over_before_speed']:11.3f}x "
             f"{row['before_vs_torch']:14.2f}x {row['after_vs_torch']:13.2f}x",
             flush=True,
         )

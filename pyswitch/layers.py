@@ -2,6 +2,11 @@
 
 Both layers keep float32 master parameters in the C++ core and expose them as live NumPy views
 (``.params``); ``backward`` writes ``.grads`` (live views too, overwritten by the next backward).
+
+In bfloat16 the layers keep a bf16 compute copy of the expert matrices and re-round it only when
+the masters may have changed. ``.params`` builds its views on each access: while any view of a
+master (or a slice of one) is alive, every forward re-rounds, since it may have been written;
+once all are gone, forwards reuse the copy. Writing through a view is therefore always seen.
 """
 
 from __future__ import annotations
@@ -58,8 +63,10 @@ class SwitchFFN:
     expert_dropout : float
         Dropout rate on the expert hidden activation, training only.
     dtype : {"float32", "bfloat16"}
-        Compute dtype. In bfloat16 the parameters stay float32 (master copies) and are rounded
-        to bfloat16 for each GEMM; GEMMs accumulate in float32; the router is float32 throughout.
+        Compute dtype. In bfloat16 the parameters stay float32 (master copies); the GEMMs take
+        a bfloat16 copy of the expert matrices, re-rounded only when the masters may have
+        changed (see the module docstring), and accumulate in float32; the router is float32
+        throughout.
     aux_loss_coef, z_loss_coef : float
         Scales of the load-balancing and z losses; ``aux_loss`` / ``z_loss`` report the scaled
         values, and ``backward`` includes them.
@@ -83,7 +90,8 @@ class SwitchFFN:
         ``router`` (d_model, E), ``w_in`` (E_local, d_model, d_ff), ``w_out`` (E_local, d_ff,
         d_model), and ``w_gate`` (geglu), ``b_in`` (E_local, d_ff), ``b_out`` (E_local, d_model)
         when present; ``E_local`` is ``num_experts`` on one rank, ``num_experts / W`` under
-        expert parallelism. Live.
+        expert parallelism. Live; ``params`` is a new dict of new views on every access (hold
+        it only while you need it: in bfloat16 a live master view makes each forward re-round).
     aux_loss, z_loss : float
         Scaled losses of the last forward (0.0 before any).
     last_plan : RoutingPlan or None
@@ -160,10 +168,14 @@ class SwitchFFN:
             options,
             comm_impl,
         )
-        self.params = dict(self._impl.tensors(False))
         self.grads = dict(self._impl.tensors(True))
         self.first_expert = self._impl.first_expert
         self.local_experts = self._impl.local_experts
+
+    @property
+    def params(self) -> dict:
+        """Live float32 views of the master parameters, made on each access."""
+        return dict(self._impl.tensors(False))
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer.
@@ -251,7 +263,8 @@ class DenseFFN:
     ----------
     params, grads : dict of float32 ndarray
         ``w_in`` (d_model, d_ff), ``w_out`` (d_ff, d_model), and ``w_gate``, ``b_in`` (d_ff,),
-        ``b_out`` (d_model,) when present. Live.
+        ``b_out`` (d_model,) when present. Live (``params``: new views on every access, as in
+        :class:`SwitchFFN`).
     aux_loss, z_loss : float
         Always 0.0 (no router).
     """
@@ -285,8 +298,12 @@ class DenseFFN:
         self._impl = _core.DenseFFN(
             _as_int(where, "d_model", d_model), _as_int(where, "d_ff", d_ff), options
         )
-        self.params = dict(self._impl.tensors(False))
         self.grads = dict(self._impl.tensors(True))
+
+    @property
+    def params(self) -> dict:
+        """Live float32 views of the master parameters, made on each access."""
+        return dict(self._impl.tensors(False))
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer: x (T, d_model) float32 or bfloat16 -> y of the same shape and dtype."""

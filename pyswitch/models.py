@@ -77,7 +77,10 @@ class SwitchLM:
         Live views, in a fixed order: ``embed`` (V, d), per layer ``layers.{l}.attn_norm``,
         ``w_qkv`` (d, 3d), ``w_o``, ``ffn_norm``, ``ffn.w_in``, ``ffn.w_out`` (and
         ``ffn.router`` (d, E) in Switch layers, whose expert tensors are (E_local, ...)), and
-        ``final_norm``.
+        ``final_norm``. ``params`` is a new dict of new views on every access: in bfloat16
+        the FFN matrices have a bf16 compute copy that every forward re-rounds while a view of
+        them is alive (it may have been written), and reuses once none is, so hold ``params``
+        only while you need it.
     expert_params : set of str
         The tensors sharded over ranks (never all-reduced).
     decay_params : set of str
@@ -124,15 +127,21 @@ class SwitchLM:
             seed=_as_seed(where, c.seed),
         )
         self._impl = _core.SwitchLM(config, comm_impl)
-        self.params, self.grads = {}, {}
+        self.grads = {}
         self.expert_params, self.decay_params = set(), set()
-        for name, data, grad, expert, decay in self._impl.parameters():
-            self.params[name] = data
+        # The master views are not kept (see ``params``).
+        for name, _data, grad, expert, decay in self._impl.parameters():
             self.grads[name] = grad
             if expert:
                 self.expert_params.add(name)
             if decay:
                 self.decay_params.add(name)
+
+    @property
+    def params(self) -> dict:
+        """Live float32 views of the master parameters, made on each access (see the class
+        docstring)."""
+        return {name: data for name, data, *_ in self._impl.parameters()}
 
     @property
     def training_steps(self) -> int:

@@ -53,7 +53,9 @@ class AdamW:
 
     Parameters
     ----------
-    params : dict of str -> float32 ndarray (live parameters, updated in place)
+    params : dict of str -> float32 ndarray (live parameters, updated in place). Holding
+        live views of a bfloat16 layer's masters makes its every forward re-round its bf16
+        compute copy (correct, at the old cost); the C++ Trainer avoids that pass.
     decay : set of str
     beta1, beta2, eps, weight_decay : float
     """

@@ -304,6 +304,31 @@ inline py::object live_view(py::handle owner, float* data, std::vector<int64_t> 
   return view_of(std::move(shape), data, owner, true);
 }
 
+// A live view of a float32 master that has a bf16 compute copy (`weights`, null: none). Its
+// base is a token capsule that holds the owner and counts as one live view of `weights` until
+// it is freed; NumPy gives every view derived from this one (slices of slices too) the token as
+// base, so the count drops only when the last array that can write the master is gone. While
+// it is above zero every forward re-rounds the copy; dropping it marks the copy stale.
+inline py::object master_view(py::handle owner, moe::ExpertWeights* weights, float* data,
+                              std::vector<int64_t> shape) {
+  if (!data) return py::none();
+  if (weights == nullptr || !weights->has_compute_copy()) {
+    return live_view(owner, data, std::move(shape));
+  }
+  struct Token {
+    py::object owner;
+    moe::ExpertWeights* weights;
+  };
+  auto token = std::make_unique<Token>(Token{py::reinterpret_borrow<py::object>(owner), weights});
+  py::capsule base(token.get(), "pyswitch.master_view", [](void* p) {
+    std::unique_ptr<Token> t(static_cast<Token*>(p));
+    t->weights->remove_live_view();  // before the owner (and with it the weights) may go
+  });
+  token.release();
+  weights->add_live_view();
+  return view_of(std::move(shape), data, base, true);
+}
+
 // Adds w_in, w_out and, when present, w_gate, b_in, b_out (or their gradients) as live views.
 // `lead` is the leading shape: {E} for a Switch layer, {} for a dense one.
 inline void add_expert_tensors(py::dict& out, py::handle owner, moe::ExpertWeights& w, bool grads,
@@ -313,10 +338,14 @@ inline void add_expert_tensors(py::dict& out, py::handle owner, moe::ExpertWeigh
     full.insert(full.end(), tail);
     return full;
   };
-  out["w_in"] = live_view(owner, grads ? w.w_in_grad() : w.w_in(), shape({d, f}));
-  out["w_out"] = live_view(owner, grads ? w.w_out_grad() : w.w_out(), shape({f, d}));
-  if (w.w_gate()) {
-    out["w_gate"] = live_view(owner, grads ? w.w_gate_grad() : w.w_gate(), shape({d, f}));
+  if (grads) {
+    out["w_in"] = live_view(owner, w.w_in_grad(), shape({d, f}));
+    out["w_out"] = live_view(owner, w.w_out_grad(), shape({f, d}));
+    if (w.w_gate_grad()) out["w_gate"] = live_view(owner, w.w_gate_grad(), shape({d, f}));
+  } else {
+    out["w_in"] = master_view(owner, &w, w.w_in(), shape({d, f}));
+    out["w_out"] = master_view(owner, &w, w.w_out(), shape({f, d}));
+    if (w.w_gate()) out["w_gate"] = master_view(owner, &w, w.w_gate(), shape({d, f}));
   }
   if (w.b_in()) {
     out["b_in"] = live_view(owner, grads ? w.b_in_grad() : w.b_in(), shape({f}));

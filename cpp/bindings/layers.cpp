@@ -99,6 +99,12 @@ void bind_layers(py::module_& m) {
                                return py::cast(std::move(*plan));
                              })
       .def_property_readonly("first_expert", [](PySwitchFFN& w) { return w.layer.first_expert(); })
+      // Re-roundings of the bf16 compute copy so far (tests and benchmarks).
+      .def_property_readonly("_copy_refreshes",
+                             [](PySwitchFFN& w) {
+                               return locked_without_gil(
+                                   w.mutex, [&] { return w.layer.weights().copy_refreshes(); });
+                             })
       .def_property_readonly("local_experts",
                              [](PySwitchFFN& w) { return w.layer.local_experts(); })
       .def("stats", [](PySwitchFFN& w) {
@@ -123,7 +129,10 @@ void bind_layers(py::module_& m) {
              return layer_forward("DenseFFN.forward", w, x, training);
            })
       .def("backward",
-           [](PyDenseFFN& w, py::handle dy) { return layer_backward("DenseFFN.backward", w, dy); });
+           [](PyDenseFFN& w, py::handle dy) { return layer_backward("DenseFFN.backward", w, dy); })
+      .def_property_readonly("_copy_refreshes", [](PyDenseFFN& w) {
+        return locked_without_gil(w.mutex, [&] { return w.layer.weights().copy_refreshes(); });
+      });
 }
 
 }  // namespace pyswitch::bindings

@@ -18,7 +18,7 @@ void bind_model(py::module_& m) {
              model::SwitchLM& lm = self.cast<PySwitchLM&>().layer;
              py::list out;
              for (const model::ParamRef& p : lm.parameters()) {
-               out.append(py::make_tuple(p.name, live_view(self, p.data, p.shape),
+               out.append(py::make_tuple(p.name, master_view(self, p.weights, p.data, p.shape),
                                          live_view(self, p.grad, p.shape), p.expert, p.decay));
              }
              return out;
@@ -60,6 +60,11 @@ void bind_model(py::module_& m) {
            })
       .def_property_readonly("num_parameters",
                              [](PySwitchLM& w) { return w.layer.num_parameters(); })
+      .def_property_readonly("_copy_refreshes",
+                             [](PySwitchLM& w) {
+                               return locked_without_gil(w.mutex,
+                                                         [&] { return w.layer.copy_refreshes(); });
+                             })
       .def("is_switch_layer", [](PySwitchLM& w, int64_t l) { return w.layer.is_switch_layer(l); })
       .def_property(
           "training_steps",

@@ -296,9 +296,17 @@ double cpu_cross_entropy(const TensorView& logits, const TensorView& targets, fl
                            d_out);
 }
 
+// The optional bf16 compute copy of an optimizer update: null data means none.
+bf16* compute_copy_of(const char* op, const TensorView& copy, int64_t n) {
+  if (copy.data == nullptr) return nullptr;
+  require_flat(op, "compute_copy", copy, {DType::bfloat16}, n);
+  return copy.as<bf16>();
+}
+
 void cpu_adamw_update(const TensorView& param, const TensorView& grad, const TensorView& m,
                       const TensorView& v, int64_t step, double lr,
-                      const optim::AdamWOptions& options, bool decay) {
+                      const optim::AdamWOptions& options, bool decay,
+                      const TensorView& compute_copy) {
   const int64_t n = param.numel();
   for (const auto& [name, view] : {std::pair<const char*, const TensorView*>{"param", &param},
                                    {"grad", &grad},
@@ -307,13 +315,14 @@ void cpu_adamw_update(const TensorView& param, const TensorView& grad, const Ten
     require_flat("adamw_update", name, *view, kFloat32, n);
   }
   optim::adamw_step(param.as<float>(), grad.as<const float>(), m.as<float>(), v.as<float>(), n,
-                    step, lr, options, decay);
+                    step, lr, options, decay, compute_copy_of("adamw_update", compute_copy, n));
 }
 
 void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
                           const TensorView& row_state, const TensorView& col_state,
                           const TensorView& full_state, const optim::AdafactorShape& shape,
-                          int64_t step, double lr, const optim::AdafactorOptions& options) {
+                          int64_t step, double lr, const optim::AdafactorOptions& options,
+                          const TensorView& compute_copy) {
   const int64_t n = shape.batches * shape.rows * shape.cols;
   require_flat("adafactor_update", "param", param, kFloat32, n);
   require_flat("adafactor_update", "grad", grad, kFloat32, n);
@@ -322,10 +331,11 @@ void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
     require_flat("adafactor_update", name, view, kFloat32, expected);
     return view.as<float>();
   };
-  optim::adafactor_step(
-      param.as<float>(), grad.as<const float>(), state("row_state", row_state, shape.row_state()),
-      state("col_state", col_state, shape.col_state()),
-      state("full_state", full_state, shape.full_state()), shape, step, lr, options);
+  optim::adafactor_step(param.as<float>(), grad.as<const float>(),
+                        state("row_state", row_state, shape.row_state()),
+                        state("col_state", col_state, shape.col_state()),
+                        state("full_state", full_state, shape.full_state()), shape, step, lr,
+                        options, compute_copy_of("adafactor_update", compute_copy, n));
 }
 
 double cpu_sum_of_squares(const TensorView& x) {

@@ -525,11 +525,16 @@ void add_nn_and_optim_cases(std::vector<OpCase>& cases) {
                          TensorView pv = a.upload(HostTensor::f32({n}, p));
                          TensorView mv = a.upload(HostTensor::f32({n}, m));
                          TensorView vv = a.upload(HostTensor::f32({n}, v));
+                         // With decay, also the fused bf16 compute copy.
+                         TensorView copy = decay ? a.upload(HostTensor::zeros(DType::bfloat16, {n}))
+                                                 : TensorView{};
                          ops.adamw_update(pv, a.upload(HostTensor::f32({n}, g)), mv, vv, 3, 1e-2,
-                                          {}, decay);
-                         return Outputs{{"param", a.download(pv, {n})},
-                                        {"m", a.download(mv, {n})},
-                                        {"v", a.download(vv, {n})}};
+                                          {}, decay, copy);
+                         Outputs out{{"param", a.download(pv, {n})},
+                                     {"m", a.download(mv, {n})},
+                                     {"v", a.download(vv, {n})}};
+                         if (decay) out.push_back({"compute_copy", a.download(copy, {n})});
+                         return out;
                        }});
     }
     cases.push_back(
@@ -557,13 +562,15 @@ void add_nn_and_optim_cases(std::vector<OpCase>& cases) {
                        TensorView fv =
                            a.upload(HostTensor::zeros(DType::float32, {s.full_state()}));
                        const TensorView gv = a.upload(HostTensor::f32({n}, g));
+                       TensorView copy = a.upload(HostTensor::zeros(DType::bfloat16, {n}));
                        for (int64_t step = 1; step <= 2; ++step) {
-                         ops.adafactor_update(pv, gv, rv, cv, fv, s, step, 1e-2, {});
+                         ops.adafactor_update(pv, gv, rv, cv, fv, s, step, 1e-2, {}, copy);
                        }
                        return Outputs{{"param", a.download(pv, {n})},
                                       {"row", a.download(rv, {s.row_state()})},
                                       {"col", a.download(cv, {s.col_state()})},
-                                      {"full", a.download(fv, {s.full_state()})}};
+                                      {"full", a.download(fv, {s.full_state()})},
+                                      {"compute_copy", a.download(copy, {n})}};
                      }});
   }
 }

@@ -16,6 +16,7 @@
 #include "pyswitch/comm/local.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/model/switch_lm.hpp"
+#include "pyswitch/model/trainer.hpp"
 #include "pyswitch/optim/optim.hpp"
 #include "pyswitch/threading.hpp"
 
@@ -807,4 +808,45 @@ TEST(model_constructor_rejects_bad_configs) {
   comm::LocalGroup group(3);
   CHECK_THROWS(InvalidArgument, SwitchLM model(tiny_config(), &group.comm(0)),
                "num_experts=4 must be divisible by the number of ranks 3");
+}
+
+TEST(model_trainer_refreshes_the_bf16_copy_in_its_update) {
+  // bf16: the Trainer's update writes the FFN matrices' bf16 copy in the same pass as the
+  // masters, so the next forward rounds nothing, and gives the bits of a fresh model holding
+  // the same masters (whose forward rounds them).
+  for (const char* optimizer : {"adamw", "adafactor"}) {
+    for (int64_t experts : {4, 0}) {
+      SwitchLMConfig c = tiny_config();
+      c.num_experts = experts;
+      c.dtype = DType::bfloat16;
+      SwitchLM model(c);
+      TrainerOptions o;
+      o.optimizer = optimizer;
+      o.warmup_steps = 0;
+      o.peak_lr = 1e-2;
+      Trainer trainer(model, o);
+      const int64_t B = 2, S = 8;
+      std::vector<int32_t> tokens(B * (S + 1));
+      for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 7) % 16);
+      for (int64_t step = 0; step < 2; ++step) {
+        CHECK(trainer.step(tokens.data(), B, S, step, 5, B * S).updated);
+      }
+      const int64_t refreshes = model.copy_refreshes();
+      const int64_t V = c.vocab_size;
+      std::vector<float> logits(B * S * V), expect(B * S * V);
+      model.logits(tokens.data(), B, S, logits.data());
+      CHECK_EQ(model.copy_refreshes(), refreshes);  // the optimizer's copy was used as is
+      SwitchLMConfig c2 = c;
+      c2.seed = c.seed + 1;
+      SwitchLM fresh(c2);
+      std::vector<ParamRef> from = model.parameters(), to = fresh.parameters();
+      for (size_t i = 0; i < from.size(); ++i) {
+        int64_t n = 1;
+        for (int64_t s : from[i].shape) n *= s;
+        std::memcpy(to[i].data, from[i].data, static_cast<size_t>(n) * sizeof(float));
+      }
+      fresh.logits(tokens.data(), B, S, expect.data());
+      CHECK(std::memcmp(logits.data(), expect.data(), logits.size() * sizeof(float)) == 0);
+    }
+  }
 }

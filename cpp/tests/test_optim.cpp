@@ -348,3 +348,32 @@ TEST(optim_updates_bit_identical_for_any_thread_count) {
   CHECK_EQ(norms[0], norms[1]);
   CHECK_EQ(norms[0], norms[2]);
 }
+
+TEST(optim_fused_bf16_copy_matches_rounding_afterwards) {
+  // adamw_step / adafactor_step with a bf16 copy: the same master bits as without, and the copy
+  // equals convert_f32_to_bf16 of the updated masters (the rounding forwards used to do).
+  const int64_t rows = 37, cols = 1000, n = rows * cols;  // several blocks
+  const auto grad = normal_vector(n, 2);
+  for (int which = 0; which < 2; ++which) {
+    auto a = normal_vector(n, 1, 0.1f);
+    auto b = a;
+    std::vector<bf16> copy(n), expect(n);
+    std::vector<float> m1(n, 0.0f), v1(n, 0.0f), m2(n, 0.0f), v2(n, 0.0f);
+    AdafactorShape shape{1, rows, cols};
+    std::vector<float> r1(rows, 0.0f), c1(cols, 0.0f), r2(rows, 0.0f), c2(cols, 0.0f);
+    for (int64_t step = 1; step <= 2; ++step) {
+      if (which == 0) {
+        adamw_step(a.data(), grad.data(), m1.data(), v1.data(), n, step, 1e-2, {}, true);
+        adamw_step(b.data(), grad.data(), m2.data(), v2.data(), n, step, 1e-2, {}, true,
+                   copy.data());
+      } else {
+        adafactor_step(a.data(), grad.data(), r1.data(), c1.data(), nullptr, shape, step, 1e-2, {});
+        adafactor_step(b.data(), grad.data(), r2.data(), c2.data(), nullptr, shape, step, 1e-2, {},
+                       copy.data());
+      }
+    }
+    CHECK(std::memcmp(a.data(), b.data(), n * sizeof(float)) == 0);
+    convert_f32_to_bf16(a.data(), expect.data(), n);
+    CHECK(std::memcmp(copy.data(), expect.data(), n * sizeof(bf16)) == 0);
+  }
+}

@@ -451,3 +451,92 @@ TEST(switch_layer_errors_name_the_argument) {
   CHECK_THROWS(InvalidArgument, dense.forward(x.data(), DType::float32, 0, false, y.data()),
                "at least one token");
 }
+
+namespace {
+
+// Copies every master of `from` (read through the const accessors: no mark) into `to` (through
+// the non-const ones, which mark `to`'s bf16 copy stale).
+void copy_masters(const ExpertWeights& from, ExpertWeights& to, int64_t n_in, int64_t n_out,
+                  int64_t n_bias_in, int64_t n_bias_out) {
+  std::copy_n(from.w_in(), n_in, to.w_in());
+  std::copy_n(from.w_out(), n_out, to.w_out());
+  if (from.w_gate()) std::copy_n(from.w_gate(), n_in, to.w_gate());
+  if (from.b_in()) {
+    std::copy_n(from.b_in(), n_bias_in, to.b_in());
+    std::copy_n(from.b_out(), n_bias_out, to.b_out());
+  }
+}
+
+}  // namespace
+
+TEST(switch_layer_bf16_copy_follows_the_masters) {
+  // The bf16 compute copy is kept between forwards and re-rounded when the masters may have
+  // changed: a non-const accessor or mark_params_changed() after writes through a kept pointer.
+  const int64_t T = 24, d = 8, f = 12, E = 4;
+  SwitchFFNOptions o;
+  o.router.route.capacity_factor = std::nullopt;
+  o.router.eval_capacity_factor = std::nullopt;
+  o.router.init_scale = 2.0;
+  o.activation = Activation::geglu;
+  o.use_bias = true;
+  o.dtype = DType::bfloat16;
+  SwitchFFN layer(d, f, E, o);
+  const auto x = normal_vector(T * d, 5);
+  std::vector<float> y(x.size()), y_ref(x.size());
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  const ExpertWeights& cw = layer.weights();
+  CHECK_EQ(cw.copy_refreshes(), 1);
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  CHECK_EQ(cw.copy_refreshes(), 1);  // nothing written: the copy is reused
+
+  // The same masters in a fresh layer (another seed) must give the same bits.
+  auto same_as_fresh = [&]() {
+    SwitchFFNOptions o2 = o;
+    o2.router.seed = 77;
+    SwitchFFN fresh(d, f, E, o2);
+    std::copy_n(layer.router_weight(), d * E, fresh.router_weight());
+    copy_masters(cw, fresh.weights(), E * d * f, E * f * d, E * f, E * d);
+    layer.forward(x.data(), DType::float32, T, false, y.data());
+    fresh.forward(x.data(), DType::float32, T, false, y_ref.data());
+    return std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(float)) == 0;
+  };
+  CHECK(same_as_fresh());
+  CHECK_EQ(cw.copy_refreshes(), 1);  // reading the masters through const paths marks nothing
+
+  // A pointer kept from before the forwards and written after them: the copy is stale (what
+  // the header documents) until mark_params_changed().
+  float* kept = layer.weights().w_out();
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  CHECK_EQ(cw.copy_refreshes(), 2);
+  for (int64_t i = 0; i < E * f * d; i += 3) kept[i] = -kept[i] + 0.25f;
+  CHECK(!cw.copy_needs_refresh());
+  CHECK(!same_as_fresh());  // the cached copy really is reused
+  layer.weights().mark_params_changed();
+  CHECK(cw.copy_needs_refresh());
+  CHECK(same_as_fresh());
+
+  // Fetching a writable pointer after a forward marks the copy itself.
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  layer.weights().w_gate()[5] += 1.0f;
+  CHECK(same_as_fresh());
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  layer.weights().w_in()[7] *= -3.0f;
+  CHECK(same_as_fresh());
+
+  // While a live view is registered every forward re-rounds.
+  layer.weights().add_live_view();
+  const int64_t before = cw.copy_refreshes();
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  layer.forward(x.data(), DType::float32, T, false, y.data());
+  CHECK_EQ(cw.copy_refreshes(), before + 2);
+  layer.weights().remove_live_view();
+  CHECK(layer.weights().copy_needs_refresh());
+
+  // A float32 layer has no copy and never rounds its weights.
+  SwitchFFNOptions o32 = o;
+  o32.dtype = DType::float32;
+  SwitchFFN layer32(d, f, E, o32);
+  layer32.forward(x.data(), DType::float32, T, false, y.data());
+  CHECK(!layer32.weights().has_compute_copy());
+  CHECK_EQ(layer32.weights().copy_refreshes(), 0);
+}

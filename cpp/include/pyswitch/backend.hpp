@@ -114,17 +114,21 @@ struct BackendOps {
                           const TensorView& d_logits) = nullptr;
 
   // ---- optimizer updates (optim/optim.hpp), float32 -----------------------------------------
-  /// One AdamW step of param (any shape) with grad, m, v of the same element count.
+  /// One AdamW step of param (any shape) with grad, m, v of the same element count. When
+  /// compute_copy.data is not null (bfloat16, the same count) it receives the updated param
+  /// rounded to bf16 in the same pass: the layers' bf16 compute copy, refreshed without a
+  /// separate rounding pass.
   void (*adamw_update)(const TensorView& param, const TensorView& grad, const TensorView& m,
                        const TensorView& v, int64_t step, double lr,
-                       const optim::AdamWOptions& options, bool decay) = nullptr;
+                       const optim::AdamWOptions& options, bool decay,
+                       const TensorView& compute_copy) = nullptr;
   /// One Adafactor step; state views sized by AdafactorShape (row/col or full; absent ones
-  /// may have null data).
+  /// may have null data). compute_copy as in adamw_update.
   void (*adafactor_update)(const TensorView& param, const TensorView& grad,
                            const TensorView& row_state, const TensorView& col_state,
                            const TensorView& full_state, const optim::AdafactorShape& shape,
-                           int64_t step, double lr,
-                           const optim::AdafactorOptions& options) = nullptr;
+                           int64_t step, double lr, const optim::AdafactorOptions& options,
+                           const TensorView& compute_copy) = nullptr;
   /// Sum of squares of a float32 tensor in double, in a fixed order.
   double (*sum_of_squares)(const TensorView& x) = nullptr;
   /// x *= factor (float32).

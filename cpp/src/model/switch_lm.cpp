@@ -131,6 +131,28 @@ bool SwitchLM::is_switch_layer(int64_t layer) const {
   return config_.num_experts > 0 && (layer + 1) % config_.expert_every == 0;
 }
 
+namespace {
+moe::ExpertWeights* copy_owner(moe::ExpertWeights& w) {
+  return w.has_compute_copy() ? &w : nullptr;
+}
+}  // namespace
+
+void SwitchLM::mark_params_changed() {
+  for (auto& bp : blocks_) {
+    if (bp->switch_ffn) bp->switch_ffn->weights().mark_params_changed();
+    if (bp->dense_ffn) bp->dense_ffn->weights().mark_params_changed();
+  }
+}
+
+int64_t SwitchLM::copy_refreshes() const {
+  int64_t total = 0;
+  for (const auto& bp : blocks_) {
+    if (bp->switch_ffn) total += bp->switch_ffn->weights().copy_refreshes();
+    if (bp->dense_ffn) total += bp->dense_ffn->weights().copy_refreshes();
+  }
+  return total;
+}
+
 std::vector<ParamRef> SwitchLM::parameters() {
   const int64_t d = config_.d_model, V = config_.vocab_size, f = config_.d_ff;
   std::vector<ParamRef> out;
@@ -152,16 +174,42 @@ std::vector<ParamRef> SwitchLM::parameters() {
                      {d, config_.num_experts},
                      false,
                      true});
-      out.push_back(
-          {p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {E, d, f}, true, true});
-      out.push_back(
-          {p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {E, f, d}, true, true});
+      moe::ExpertWeights& w = s.weights();
+      out.push_back({p + "ffn.w_in",
+                     w.w_in(),
+                     w.w_in_grad(),
+                     {E, d, f},
+                     true,
+                     true,
+                     copy_owner(w),
+                     w.w_in_bf16()});
+      out.push_back({p + "ffn.w_out",
+                     w.w_out(),
+                     w.w_out_grad(),
+                     {E, f, d},
+                     true,
+                     true,
+                     copy_owner(w),
+                     w.w_out_bf16()});
     } else {
       moe::DenseFFN& s = *b.dense_ffn;
-      out.push_back(
-          {p + "ffn.w_in", s.weights().w_in(), s.weights().w_in_grad(), {d, f}, false, true});
-      out.push_back(
-          {p + "ffn.w_out", s.weights().w_out(), s.weights().w_out_grad(), {f, d}, false, true});
+      moe::ExpertWeights& w = s.weights();
+      out.push_back({p + "ffn.w_in",
+                     w.w_in(),
+                     w.w_in_grad(),
+                     {d, f},
+                     false,
+                     true,
+                     copy_owner(w),
+                     w.w_in_bf16()});
+      out.push_back({p + "ffn.w_out",
+                     w.w_out(),
+                     w.w_out_grad(),
+                     {f, d},
+                     false,
+                     true,
+                     copy_owner(w),
+                     w.w_out_bf16()});
     }
   }
   out.push_back({"final_norm", final_norm_.data(), final_norm_grad_.data(), {d}, false, false});

@@ -18,6 +18,17 @@ struct Trainer::Slot {
 
 namespace {
 
+TensorView flat(const float* data, int64_t n) {
+  return TensorView::contiguous(data, DType::float32, {n});
+}
+TensorView flat(const std::vector<float>& v) {
+  return flat(v.data(), static_cast<int64_t>(v.size()));
+}
+// A parameter's bf16 compute copy, or an empty view when it has none.
+TensorView copy_view(const bf16* data, int64_t n) {
+  return data ? TensorView::contiguous(data, DType::bfloat16, {n}) : TensorView{};
+}
+
 int64_t element_count(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
@@ -55,7 +66,7 @@ std::vector<double> sum_over_ranks(comm::Communicator& comm, const std::vector<d
 }  // namespace
 
 Trainer::Trainer(SwitchLM& model, const TrainerOptions& options)
-    : model_(model), options_(options) {
+    : model_(model), options_(options), ops_(&cpu_backend()) {
   const TrainerOptions& o = options_;
   PYSWITCH_CHECK_ARG(o.optimizer == "adamw" || o.optimizer == "adafactor",
                      "Trainer: optimizer must be 'adamw' or 'adafactor', got '", o.optimizer, "'");
@@ -133,6 +144,8 @@ void Trainer::reduce_replicated_gradients() {
   }
 }
 
+// A parameter with a bf16 compute copy (bf16 FFN matrices) has it written in the same pass as
+// the master, so the next forward needs no rounding pass over the weights.
 void Trainer::update(double lr) {
   ++optimizer_steps_;
   const TrainerOptions& o = options_;
@@ -142,13 +155,14 @@ void Trainer::update(double lr) {
     if (adafactor_) {
       optim::AdafactorOptions a = o.adafactor;
       a.weight_decay = decay;
-      optim::adafactor_step(p.data, p.grad, s.first.data(), s.second.data(), s.third.data(),
-                            s.shape, optimizer_steps_, lr, a);
+      ops_->adafactor_update(flat(p.data, s.size), flat(p.grad, s.size), flat(s.first),
+                             flat(s.second), flat(s.third), s.shape, optimizer_steps_, lr, a,
+                             copy_view(p.compute_copy, s.size));
     } else {
       optim::AdamWOptions a = o.adamw;
       a.weight_decay = o.weight_decay;
-      optim::adamw_step(p.data, p.grad, s.first.data(), s.second.data(), s.size, optimizer_steps_,
-                        lr, a, p.decay);
+      ops_->adamw_update(flat(p.data, s.size), flat(p.grad, s.size), flat(s.first), flat(s.second),
+                         optimizer_steps_, lr, a, p.decay, copy_view(p.compute_copy, s.size));
     }
   }
 }
@@ -191,13 +205,14 @@ StepStats Trainer::step(const int32_t* tokens, int64_t rows, int64_t S, int64_t 
   out.lr = lr;
   double sq_replicated = 0, sq_expert = 0;
   for (const Slot& s : slots_) {
-    (s.param.expert ? sq_expert : sq_replicated) += optim::sum_of_squares(s.param.grad, s.size);
+    (s.param.expert ? sq_expert : sq_replicated) +=
+        ops_->sum_of_squares(flat(s.param.grad, s.size));
   }
   if (comm::Communicator* comm = model_.communicator()) {
     reduce_replicated_gradients();
     sq_replicated = 0;
     for (const Slot& s : slots_) {
-      if (!s.param.expert) sq_replicated += optim::sum_of_squares(s.param.grad, s.size);
+      if (!s.param.expert) sq_replicated += ops_->sum_of_squares(flat(s.param.grad, s.size));
     }
     const std::vector<double> summed = sum_over_ranks(*comm, {sq_expert, out.ce});
     sq_expert = summed[0];
@@ -207,7 +222,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t rows, int64_t S, int64_t 
   if (std::isfinite(out.grad_norm)) {
     if (out.grad_norm > o.clip) {
       const float scale = static_cast<float>(o.clip / out.grad_norm);
-      for (const Slot& s : slots_) optim::scale_in_place(s.param.grad, s.size, scale);
+      for (const Slot& s : slots_) ops_->scale(flat(s.param.grad, s.size), scale);
     }
     update(lr);
     out.updated = true;

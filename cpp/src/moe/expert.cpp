@@ -123,6 +123,34 @@ ExpertParams ExpertWeights::params() const {
           b_in_.empty() ? nullptr : b_in_.data(), b_out_.empty() ? nullptr : b_out_.data()};
 }
 
+void ExpertWeights::enable_compute_copy() {
+  if (has_compute_copy()) return;
+  w_in_bf16_.resize(w_in_.size());
+  w_out_bf16_.resize(w_out_.size());
+  w_gate_bf16_.resize(w_gate_.size());
+  mark_params_changed();
+}
+
+ExpertParams ExpertWeights::compute_params(DType dtype) {
+  ExpertParams p = params();
+  if (dtype != DType::bfloat16 || !has_compute_copy()) return p;
+  // Clear the flag before reading the masters: a mark made while rounding survives.
+  const bool stale = stale_.exchange(false, std::memory_order_relaxed);
+  if (stale || live_views() > 0) {
+    convert_f32_to_bf16(w_in_.data(), w_in_bf16_.data(), static_cast<int64_t>(w_in_.size()));
+    convert_f32_to_bf16(w_out_.data(), w_out_bf16_.data(), static_cast<int64_t>(w_out_.size()));
+    if (!w_gate_.empty()) {
+      convert_f32_to_bf16(w_gate_.data(), w_gate_bf16_.data(),
+                          static_cast<int64_t>(w_gate_.size()));
+    }
+    ++refreshes_;
+  }
+  p.w_in_bf16 = w_in_bf16_.data();
+  p.w_out_bf16 = w_out_bf16_.data();
+  p.w_gate_bf16 = w_gate_bf16_.empty() ? nullptr : w_gate_bf16_.data();
+  return p;
+}
+
 ExpertGrads ExpertWeights::grads() {
   return {w_in_grad(), w_gate_grad(), w_out_grad(), b_in_grad(), b_out_grad()};
 }
@@ -156,13 +184,24 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
   const void* w_in = p.w_in;
   const void* w_gate = p.w_gate;
   const void* w_out = p.w_out;
+  c.w_in_used = c.w_gate_used = c.w_out_used = nullptr;
   if (bf16_compute) {
-    round_weights(p.w_in, E * d * f, c.w_in);
-    round_weights(p.w_out, E * f * d, c.w_out);
-    if (geglu) round_weights(p.w_gate, E * d * f, c.w_gate);
-    w_in = c.w_in.data();
-    w_out = c.w_out.data();
-    w_gate = geglu ? c.w_gate.data() : nullptr;
+    if (p.w_in_bf16 && p.w_out_bf16 && (!geglu || p.w_gate_bf16)) {
+      // The caller's copy (ExpertWeights keeps it in step with the masters): no rounding pass.
+      c.w_in_used = p.w_in_bf16;
+      c.w_out_used = p.w_out_bf16;
+      c.w_gate_used = geglu ? p.w_gate_bf16 : nullptr;
+    } else {
+      round_weights(p.w_in, E * d * f, c.w_in);
+      round_weights(p.w_out, E * f * d, c.w_out);
+      if (geglu) round_weights(p.w_gate, E * d * f, c.w_gate);
+      c.w_in_used = c.w_in.data();
+      c.w_out_used = c.w_out.data();
+      c.w_gate_used = geglu ? c.w_gate.data() : nullptr;
+    }
+    w_in = c.w_in_used;
+    w_out = c.w_out_used;
+    w_gate = c.w_gate_used;
   }
   const bool drop = c.dropout.rate > 0.0;
   const std::vector<Unit> units = row_units(offsets, E, kRowBlock);
@@ -234,9 +273,12 @@ void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t
   PYSWITCH_CHECK_ARG(static_cast<int64_t>(c.hidden.size()) == rows * f,
                      "experts_backward: the cache does not come from a forward over these ", rows,
                      " rows");
-  const void* w_in = bf16_compute ? static_cast<const void*>(c.w_in.data()) : p.w_in;
-  const void* w_gate = bf16_compute ? static_cast<const void*>(c.w_gate.data()) : p.w_gate;
-  const void* w_out = bf16_compute ? static_cast<const void*>(c.w_out.data()) : p.w_out;
+  // The bf16 weights of the forward (not p's copy, which the caller may have refreshed since).
+  PYSWITCH_CHECK_ARG(!bf16_compute || (c.w_in_used && c.w_out_used),
+                     "experts_backward: the cache does not come from a bf16 forward");
+  const void* w_in = bf16_compute ? static_cast<const void*>(c.w_in_used) : p.w_in;
+  const void* w_gate = bf16_compute ? static_cast<const void*>(c.w_gate_used) : p.w_gate;
+  const void* w_out = bf16_compute ? static_cast<const void*>(c.w_out_used) : p.w_out;
   const void* hidden = bf16_compute ? static_cast<const void*>(c.hidden_bf16.data())
                                     : static_cast<const void*>(c.hidden.data());
   const bool drop = c.dropout.rate > 0.0;

@@ -124,6 +124,7 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "SwitchFFN", "options.dtype");
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
+  if (options.dtype == DType::bfloat16) weights_.enable_compute_copy();
   PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
                      "SwitchFFN: aux_loss_coef and z_loss_coef must be finite, got ",
                      options.aux_loss_coef, " and ", options.z_loss_coef);
@@ -174,8 +175,8 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
                  0};
     }
     if (!comm_) {
-      ops_->experts_forward(shape_, weights_.params(), layout_.expert_offset.data(), buffer,
-                            expert_out, &cache_, dropout);
+      ops_->experts_forward(shape_, weights_.compute_params(c), layout_.expert_offset.data(),
+                            buffer, expert_out, &cache_, dropout);
     } else {
       forward_experts(dropout);
     }
@@ -245,8 +246,8 @@ void SwitchFFN::forward_experts(DropoutSpec dropout) {
   exchange(workspace_.matrix(kBuffer, c, rows, d).data, wire.data, /*to_owners=*/true);
   permute(wire.data, expert_in.data, /*to_expert_major=*/true);
   dropout.first_row = exchange_.first_row;
-  ops_->experts_forward(shape_, weights_.params(), exchange_.local_offsets.data(), expert_in,
-                        expert_result, &cache_, dropout);
+  ops_->experts_forward(shape_, weights_.compute_params(c), exchange_.local_offsets.data(),
+                        expert_in, expert_result, &cache_, dropout);
   permute(expert_result.data, wire.data, /*to_expert_major=*/false);
   exchange(wire.data, workspace_.matrix(kExpertOut, c, rows, d).data, /*to_owners=*/false);
 }
@@ -338,6 +339,7 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "DenseFFN", "options.dtype");
   check_dropout("DenseFFN", "dropout", options.dropout);
+  if (options.dtype == DType::bfloat16) weights_.enable_compute_copy();
 }
 
 void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, void* y) {
@@ -354,7 +356,7 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
     dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
   }
   const TensorView y_c = workspace_.matrix(kY, c, T, d);
-  ops_->experts_forward(shape_, weights_.params(), offsets, x_c, y_c, &cache_, dropout);
+  ops_->experts_forward(shape_, weights_.compute_params(c), offsets, x_c, y_c, &cache_, dropout);
   ops_->convert(y_c, TensorView::contiguous(y, x_dtype, {T, d}));
   x_dtype_ = x_dtype;
   tokens_ = T;

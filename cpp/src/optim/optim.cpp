@@ -43,10 +43,17 @@ double blocked_sum(int64_t n, F&& f) {
   return total;
 }
 
+// The bf16 compute copy of the block just updated, while it is still in cache. float_to_bf16
+// is the scalar reference of convert_f32_to_bf16 (bit-identical on every ISA).
+inline void refresh_copy(const float* param, bf16* copy, int64_t begin, int64_t end) {
+  if (copy == nullptr) return;
+  for (int64_t i = begin; i < end; ++i) copy[i] = float_to_bf16(param[i]);
+}
+
 }  // namespace
 
 void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, int64_t step,
-                double lr, const AdamWOptions& o, bool decay) {
+                double lr, const AdamWOptions& o, bool decay, bf16* param_bf16) {
   check_step("adamw_step", step, lr);
   const double c1 = 1.0 - std::pow(o.beta1, static_cast<double>(step));
   const double c2 = 1.0 - std::pow(o.beta2, static_cast<double>(step));
@@ -64,12 +71,13 @@ void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, 
       const float denom = std::sqrt(v[i]) * inv_sqrt_c2 + eps;
       param[i] = param[i] * shrink - step_size * (m[i] / denom);
     }
+    refresh_copy(param, param_bf16, b * kBlock, end);
   });
 }
 
 void adafactor_step(float* param, const float* grad, float* row_state, float* col_state,
                     float* full_state, const AdafactorShape& s, int64_t step, double lr,
-                    const AdafactorOptions& o) {
+                    const AdafactorOptions& o, bf16* param_bf16) {
   check_step("adafactor_step", step, lr);
   const double rho = 1.0 - std::pow(static_cast<double>(step), -o.decay_rate);
   const int64_t per = s.rows * s.cols, n = s.batches * per;
@@ -130,6 +138,7 @@ void adafactor_step(float* param, const float* grad, float* row_state, float* co
     for (int64_t i = b * kBlock; i < end; ++i) {
       param[i] = param[i] * shrink - scale * update[static_cast<size_t>(i)];
     }
+    refresh_copy(param, param_bf16, b * kBlock, end);
   });
 }
 

@@ -64,6 +64,12 @@ struct ParamRef {
   std::vector<int64_t> shape;
   bool expert = false;  ///< sharded over ranks under expert parallelism (no DP reduction)
   bool decay = false;   ///< weight decay applies (matrices)
+  /// bf16 models' FFN matrices (w_in, w_out): the ExpertWeights that owns this tensor's bf16
+  /// compute copy, and that copy (same layout as data). An optimizer that updates `data` must
+  /// also store float_to_bf16 of each updated element into `compute_copy` (Trainer does), or
+  /// call weights->mark_params_changed(). Null otherwise.
+  moe::ExpertWeights* weights = nullptr;
+  bf16* compute_copy = nullptr;
 };
 
 class SwitchLM {
@@ -79,8 +85,17 @@ class SwitchLM {
   /// The communicator given at construction (null: one rank).
   comm::Communicator* communicator() const { return comm_; }
   bool is_switch_layer(int64_t layer) const;
-  /// Every parameter, in a fixed order (the same on every rank).
+  /// Every parameter, in a fixed order (the same on every rank). The data pointers are live
+  /// and writable: a call marks the FFN layers' bf16 compute copies stale (see
+  /// moe::ExpertWeights), so writes made before the next forward are seen. A caller who keeps
+  /// them and writes after a forward must call mark_params_changed() before the next one.
   std::vector<ParamRef> parameters();
+  /// Declares that parameters were written through kept pointers: the next forward re-rounds
+  /// the bf16 compute copies (a no-op in float32).
+  void mark_params_changed();
+  /// Re-roundings of the FFN layers' bf16 compute copies so far, all layers together (for
+  /// tests and benchmarks; 0 in float32).
+  int64_t copy_refreshes() const;
   int64_t num_parameters() const;  ///< this rank's parameter count
 
   /// tokens (B, S + 1) int32: inputs are [:, :S], targets [:, 1:]. Runs forward and, when

@@ -91,6 +91,7 @@ class Trainer {
 
   SwitchLM& model_;
   TrainerOptions options_;
+  const BackendOps* ops_;  // the norm, clip and optimizer updates run through this table
   bool adafactor_ = false;
   int64_t optimizer_steps_ = 0;
   std::vector<Slot> slots_;

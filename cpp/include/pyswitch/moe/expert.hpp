@@ -7,6 +7,7 @@
 /// kernel set and split of the rows (docs/determinism.md).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -32,12 +33,21 @@ struct ExpertShape {
 /// Row-major float32 weights, owned by the caller: w_in (E, d_model, d_ff); w_gate
 /// (E, d_model, d_ff), geglu only; w_out (E, d_ff, d_model); b_in (E, d_ff) and b_out
 /// (E, d_model), or null for no bias.
+///
+/// w_in_bf16 / w_gate_bf16 / w_out_bf16 (optional, bf16 compute only): the same matrices
+/// already rounded to bfloat16 (float_to_bf16 of every master element). When given, a bf16
+/// forward uses them instead of rounding the masters itself; the caller guarantees that they
+/// match the masters (ExpertWeights::compute_params does) and keeps them unchanged until the
+/// backward of that forward has run. Ignored in float32 compute.
 struct ExpertParams {
   const float* w_in = nullptr;
   const float* w_gate = nullptr;
   const float* w_out = nullptr;
   const float* b_in = nullptr;
   const float* b_out = nullptr;
+  const bf16* w_in_bf16 = nullptr;
+  const bf16* w_gate_bf16 = nullptr;
+  const bf16* w_out_bf16 = nullptr;
 };
 
 /// Gradients in the layout of ExpertParams; written (not accumulated). Each must be non-null
@@ -58,28 +68,101 @@ struct ExpertGrads {
 /// Under expert parallelism a rank holds experts [first_expert, first_expert + E) of a layer;
 /// they are initialised with exactly the values those experts get in a one-rank layer of the
 /// same seed (the init streams are indexed by global expert).
+///
+/// bf16 compute copy. A layer computing in bfloat16 calls enable_compute_copy(): the weights
+/// then also own w_in / w_gate / w_out rounded to bfloat16, which forwards use (through
+/// compute_params) instead of re-rounding every master on every step. The copy is refreshed
+/// at the next compute_params whenever the masters may have changed:
+/// - every non-const master accessor (w_in(), w_gate(), w_out()) marks it stale, because it
+///   hands out a writable pointer. The const overloads and params() do not. A caller who keeps
+///   such a pointer (or a ParamRef::data of SwitchLM::parameters()) and writes through it
+///   AFTER a later forward must call mark_params_changed() before the next forward; writing
+///   before the next forward needs nothing more.
+/// - while any live view is registered (add_live_view, used by the Python bindings for every
+///   NumPy view of a master), every forward re-rounds, since the holder may write at any time;
+///   each one dropped marks the copy stale.
+/// - the optimizer (Trainer) writes the copy in the same loop as the master update
+///   (w_in_bf16() etc.), leaving it fresh at no extra pass.
+/// Without a copy (float32 layers) all of this is a no-op and bf16 forwards round as before.
 class ExpertWeights {
  public:
   /// Throws InvalidArgument for init_scale that is not finite and positive.
   ExpertWeights(const ExpertShape& shape, bool use_bias, double init_scale, uint64_t seed,
                 int64_t first_expert = 0);
+  ExpertWeights(const ExpertWeights&) = delete;
+  ExpertWeights& operator=(const ExpertWeights&) = delete;
 
-  float* w_in() { return w_in_.data(); }
-  float* w_gate() { return w_gate_.empty() ? nullptr : w_gate_.data(); }
-  float* w_out() { return w_out_.data(); }
+  /// Writable masters: each call marks the bf16 compute copy stale (see the class comment).
+  float* w_in() {
+    mark_params_changed();
+    return w_in_.data();
+  }
+  float* w_gate() {
+    mark_params_changed();
+    return w_gate_.empty() ? nullptr : w_gate_.data();
+  }
+  float* w_out() {
+    mark_params_changed();
+    return w_out_.data();
+  }
+  /// Read-only masters: never mark the copy stale.
+  const float* w_in() const { return w_in_.data(); }
+  const float* w_gate() const { return w_gate_.empty() ? nullptr : w_gate_.data(); }
+  const float* w_out() const { return w_out_.data(); }
+  /// Biases stay float32 in every compute dtype (no copy to keep in step).
   float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
   float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
+  const float* b_in() const { return b_in_.empty() ? nullptr : b_in_.data(); }
+  const float* b_out() const { return b_out_.empty() ? nullptr : b_out_.data(); }
   float* w_in_grad() { return g_w_in_.data(); }
   float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
   float* w_out_grad() { return g_w_out_.data(); }
   float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
   float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+  /// The float32 masters (the bf16 pointers are null).
   ExpertParams params() const;
   ExpertGrads grads();
+
+  /// Allocates the bf16 compute copy (same layouts as the masters) and marks it stale.
+  /// Idempotent. Called by the layers whose compute dtype is bfloat16.
+  void enable_compute_copy();
+  bool has_compute_copy() const { return !w_in_bf16_.empty(); }
+  /// The bf16 copy, writable, for an optimizer that updates master and copy together: it must
+  /// store float_to_bf16(master) into every element it updates. Null without a copy (and for
+  /// w_gate without geglu). Handing these out does not mark anything stale.
+  bf16* w_in_bf16() { return w_in_bf16_.empty() ? nullptr : w_in_bf16_.data(); }
+  bf16* w_gate_bf16() { return w_gate_bf16_.empty() ? nullptr : w_gate_bf16_.data(); }
+  bf16* w_out_bf16() { return w_out_bf16_.empty() ? nullptr : w_out_bf16_.data(); }
+
+  /// Declares that the masters were (or may have been) written through a pointer kept from
+  /// earlier: the next forward re-rounds the bf16 copy. Cheap; call it when in doubt.
+  void mark_params_changed() { stale_.store(true, std::memory_order_relaxed); }
+  /// Live-view tracking (the Python bindings): while the count is above zero every forward
+  /// re-rounds; remove_live_view marks the copy stale.
+  void add_live_view() { live_views_.fetch_add(1, std::memory_order_relaxed); }
+  void remove_live_view() {
+    mark_params_changed();
+    live_views_.fetch_sub(1, std::memory_order_relaxed);
+  }
+  int64_t live_views() const { return live_views_.load(std::memory_order_relaxed); }
+  /// Whether the next compute_params(bfloat16) would re-round (for tests and benchmarks).
+  bool copy_needs_refresh() const {
+    return has_compute_copy() && (stale_.load(std::memory_order_relaxed) || live_views() > 0);
+  }
+
+  /// The parameters for a forward in `dtype`: params(), plus (bf16 with a copy) the bf16 copy,
+  /// first re-rounded with convert_f32_to_bf16 when copy_needs_refresh(). Counts refreshes.
+  ExpertParams compute_params(DType dtype);
+  /// Times compute_params re-rounded the copy (for tests and benchmarks).
+  int64_t copy_refreshes() const { return refreshes_; }
 
  private:
   std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
   std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+  std::vector<bf16> w_in_bf16_, w_gate_bf16_, w_out_bf16_;
+  std::atomic<bool> stale_{true};
+  std::atomic<int64_t> live_views_{0};
+  int64_t refreshes_ = 0;
 };
 
 /// Inverted dropout on the hidden activation (training only): element (row, j) is kept unless
@@ -97,10 +180,17 @@ struct DropoutSpec {
 struct ExpertCache {
   DType dtype = DType::float32;
   DropoutSpec dropout;
-  std::vector<float> pre, linear;         ///< (rows, d_ff) float32 pre-activations (linear: geglu)
-  std::vector<float> hidden;              ///< (rows, d_ff) after activation and dropout
-  std::vector<bf16> hidden_bf16;          ///< the same rounded to bf16 (bf16 compute only)
-  std::vector<bf16> w_in, w_gate, w_out;  ///< bf16 copies of the weights (bf16 compute only)
+  std::vector<float> pre, linear;  ///< (rows, d_ff) float32 pre-activations (linear: geglu)
+  std::vector<float> hidden;       ///< (rows, d_ff) after activation and dropout
+  std::vector<bf16> hidden_bf16;   ///< the same rounded to bf16 (bf16 compute only)
+  /// bf16 weights rounded by the forward itself when the params had no bf16 copy (bf16
+  /// compute only; empty when the forward used the caller's copy).
+  std::vector<bf16> w_in, w_gate, w_out;
+  /// The bf16 weights the forward used (the caller's copy or the vectors above), for the
+  /// backward; null in float32. The cache must not be copied between forward and backward.
+  const bf16* w_in_used = nullptr;
+  const bf16* w_gate_used = nullptr;
+  const bf16* w_out_used = nullptr;
   /// Backward workspace, kept between steps so that its pages are touched once, not per step.
   std::vector<float> d_pre, d_linear;
   std::vector<bf16> d_pre_bf16, d_linear_bf16;

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "pyswitch/bf16.hpp"
+
 namespace pyswitch::optim {
 
 struct AdamWOptions {
@@ -23,9 +25,11 @@ struct AdamWOptions {
 /// One AdamW step: m, v (n) float32 moments updated in place; step >= 1 is the bias-correction
 /// count. decay=false skips weight decay (norms and biases by convention; SwitchLM decays its
 /// matrices, the tied embedding and the routers included).
+/// param_bf16 (optional, n): a bf16 compute copy of param, written with float_to_bf16 of each
+/// updated element in the same pass (bit-identical to convert_f32_to_bf16 afterwards).
 /// Throws InvalidArgument for step < 1 or a non-finite or negative lr.
 void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, int64_t step,
-                double lr, const AdamWOptions& options, bool decay);
+                double lr, const AdamWOptions& options, bool decay, bf16* param_bf16 = nullptr);
 
 struct AdafactorOptions {
   double decay_rate = 0.8;      ///< second-moment decay 1 - step^-decay_rate (paper: 0.8)
@@ -47,9 +51,10 @@ struct AdafactorShape {
 
 /// One Adafactor step without momentum (beta1 = 0, as in the paper), with update clipping and
 /// an explicit learning rate (the schedule supplies it). State arrays sized by `shape`.
+/// param_bf16: as in adamw_step, refreshed in the final update pass.
 void adafactor_step(float* param, const float* grad, float* row_state, float* col_state,
                     float* full_state, const AdafactorShape& shape, int64_t step, double lr,
-                    const AdafactorOptions& options);
+                    const AdafactorOptions& options, bf16* param_bf16 = nullptr);
 
 /// Sum over i of double(data[i])^2, in fixed blocks (bit-identical for any thread count).
 /// Throws InvalidArgument for n < 0.
