@@ -182,10 +182,16 @@ def main(argv=None) -> int:
             "samples_s": times,
         }
         results.append(row)
+
+        def ratio(value: float, width: int) -> str:
+            # Without the torch worker there is no baseline: a dash, not "nanx".
+            return f"{value:{width}.2f}x" if np.isfinite(value) else f"{'-':>{width + 1}}"
+
+        torch_ms = f"{1e3 * torch_s:10.1f}" if np.isfinite(torch_s) else f"{'-':>10}"
         print(
             f"{case:14s} {1e3 * med['before']:10.1f} {1e3 * med['after']:10.1f} "
-            f"{1e3 * torch_s:10.1f} {row['after_over_before_speed']:11.3f}x "
-            f"{row['before_vs_torch']:14.2f}x {row['after_vs_torch']:13.2f}x",
+            f"{torch_ms} {row['after_over_before_speed']:11.3f}x "
+            f"{ratio(row['before_vs_torch'], 14)} {ratio(row['after_vs_torch'], 13)}",
             flush=True,
         )
     if args.json:
