@@ -92,30 +92,80 @@ def test_trainer_rejects_bad_options():
 
 
 class CoreCallCounter:
-    """Counts Python -> pyswitch._core calls (sys.setprofile c_call events) on every thread."""
+    """Counts Python -> pyswitch._core calls, on every thread or on the creating thread only.
 
-    def __init__(self):
+    Python <= 3.11: sys.setprofile ``c_call`` events. From 3.12 a pybind11 method called on an
+    object raises no ``c_call`` event, so there the counter listens to sys.monitoring ``CALL``
+    events instead (process-wide; filtered by thread when asked)."""
+
+    def __init__(self, this_thread_only: bool = False):
         self.calls = []
         self.lock = threading.Lock()
+        self.thread = threading.get_ident() if this_thread_only else None
+        self.monitoring = getattr(sys, "monitoring", None)
+
+    @staticmethod
+    def _is_core(fn, self_obj=None) -> bool:
+        owner = getattr(fn, "__self__", None)
+        return (
+            getattr(fn, "__module__", None) == "pyswitch._core"
+            or (owner is not None and type(owner).__module__ == "pyswitch._core")
+            or (self_obj is not None and type(self_obj).__module__ == "pyswitch._core")
+        )
+
+    def _record(self, fn):
+        if self.thread is not None and threading.get_ident() != self.thread:
+            return
+        with self.lock:
+            self.calls.append(getattr(fn, "__qualname__", repr(fn)))
 
     def profile(self, frame, event, arg):
-        if event != "c_call":
-            return
-        owner = getattr(arg, "__self__", None)
-        if getattr(arg, "__module__", None) == "pyswitch._core" or (
-            owner is not None and type(owner).__module__ == "pyswitch._core"
-        ):
-            with self.lock:
-                self.calls.append(getattr(arg, "__qualname__", repr(arg)))
+        if event == "c_call" and self._is_core(arg):
+            self._record(arg)
+
+    def on_call(self, code, offset, fn, arg0):
+        self_obj = None if arg0 is self.monitoring.MISSING else arg0
+        if self._is_core(fn, self_obj):
+            self._record(fn)
+
+    # sys.monitoring has one profiler slot per process: counters active at once (one per rank
+    # thread) share it through this set.
+    _active: set = set()
+    _active_lock = threading.Lock()
+
+    @classmethod
+    def _dispatch(cls, code, offset, fn, arg0):
+        for counter in list(cls._active):
+            counter.on_call(code, offset, fn, arg0)
 
     def __enter__(self):
-        threading.setprofile(self.profile)
-        sys.setprofile(self.profile)
+        if self.monitoring is not None:
+            m = self.monitoring
+            with CoreCallCounter._active_lock:
+                if not CoreCallCounter._active:
+                    m.use_tool_id(m.PROFILER_ID, "pyswitch-tests")
+                    m.register_callback(m.PROFILER_ID, m.events.CALL, CoreCallCounter._dispatch)
+                    m.set_events(m.PROFILER_ID, m.events.CALL)
+                CoreCallCounter._active.add(self)
+        elif self.thread is not None:
+            sys.setprofile(self.profile)
+        else:
+            threading.setprofile(self.profile)
+            sys.setprofile(self.profile)
         return self
 
     def __exit__(self, *exc):
-        sys.setprofile(None)
-        threading.setprofile(None)
+        if self.monitoring is not None:
+            m = self.monitoring
+            with CoreCallCounter._active_lock:
+                CoreCallCounter._active.discard(self)
+                if not CoreCallCounter._active:
+                    m.set_events(m.PROFILER_ID, 0)
+                    m.register_callback(m.PROFILER_ID, m.events.CALL, None)
+                    m.free_tool_id(m.PROFILER_ID)
+        else:
+            sys.setprofile(None)
+            threading.setprofile(None)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -129,12 +179,8 @@ def test_a_training_step_makes_at_most_three_core_calls(ranks, tmp_path):
     def body(comm):
         run = _Run(config, o, corpus, comm, None)
         run.train_step(0, 10)  # warm: first-call setup is not a step's cost
-        counter = CoreCallCounter()
-        sys.setprofile(counter.profile)  # this thread only
-        try:
+        with CoreCallCounter(this_thread_only=True) as counter:
             run.train_step(1, 10)
-        finally:
-            sys.setprofile(None)
         per_rank.append(counter.calls)
 
     if ranks == 1:
