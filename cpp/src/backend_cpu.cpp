@@ -1,6 +1,7 @@
 // The CPU backend table (the reference) and the registry of backend tables. Each entry checks
 // its views, then calls the CPU implementation of the op (moe/, nn/, optim/, gemm.cpp), which
 // picks the active ISA tier inside.
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <utility>
 
 #include "gemm.hpp"
+#include "parallel.hpp"
 #include "pyswitch/backend.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
@@ -102,6 +104,39 @@ void cpu_convert(const TensorView& src, const TensorView& dst) {
   require_flat("convert", "src", src, kCompute, src.numel());
   require_flat("convert", "dst", dst, kCompute, src.numel());
   moe::convert_activations(src.data, src.dtype, dst.data, dst.dtype, src.numel());
+}
+
+void cpu_add(const TensorView& a, const TensorView& b, const TensorView& out) {
+  const int64_t n = out.numel();
+  require_flat("add", "a", a, kCompute, n);
+  require_flat("add", "b", b, kCompute, n);
+  require_flat("add", "out", out, kCompute, n);
+  // Blocks on the stack: no full-size float32 temporaries for bf16 operands.
+  constexpr int64_t kBlock = 4096;
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t blk) {
+    const int64_t first = blk * kBlock, count = std::min(kBlock, n - first);
+    float fa[kBlock], fb[kBlock];
+    auto at = [first](const TensorView& v) {
+      return static_cast<char*>(v.data) + first * dtype_size(v.dtype);
+    };
+    moe::convert_activations(at(a), a.dtype, fa, DType::float32, count);
+    moe::convert_activations(at(b), b.dtype, fb, DType::float32, count);
+    for (int64_t i = 0; i < count; ++i) fa[i] += fb[i];
+    moe::convert_activations(fa, DType::float32, at(out), out.dtype, count);
+  });
+}
+
+void cpu_multiply(const TensorView& x, const TensorView& factor) {
+  const int64_t n = x.numel();
+  require_flat("multiply", "x", x, kFloat32, n);
+  require_flat("multiply", "factor", factor, kFloat32, n);
+  constexpr int64_t kBlock = 1 << 14;
+  float* xs = x.as<float>();
+  const float* fs = factor.as<const float>();
+  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t blk) {
+    const int64_t end = std::min(n, (blk + 1) * kBlock);
+    for (int64_t i = blk * kBlock; i < end; ++i) xs[i] *= fs[i];
+  });
 }
 
 void cpu_route(const TensorView& logits, const moe::RouteOptions& options, moe::RoutingPlan& plan) {
@@ -356,6 +391,8 @@ BackendOps make_cpu_table() {
   t.release = cpu_release;
   t.copy = cpu_copy;
   t.convert = cpu_convert;
+  t.add = cpu_add;
+  t.multiply = cpu_multiply;
   t.route = cpu_route;
   t.route_backward = cpu_route_backward;
   t.softmax_rows = cpu_softmax_rows;
@@ -389,6 +426,8 @@ void for_each_op(const BackendOps& t, F&& visit) {
   visit("release", t.release != nullptr);
   visit("copy", t.copy != nullptr);
   visit("convert", t.convert != nullptr);
+  visit("add", t.add != nullptr);
+  visit("multiply", t.multiply != nullptr);
   visit("route", t.route != nullptr);
   visit("route_backward", t.route_backward != nullptr);
   visit("softmax_rows", t.softmax_rows != nullptr);

@@ -596,9 +596,35 @@ void add_convert_cases(std::vector<OpCase>& cases) {
   }
 }
 
+void add_elementwise_cases(std::vector<OpCase>& cases) {
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{4097}}) {
+    const auto a = normal_vector(static_cast<size_t>(n), 111);
+    const auto b = normal_vector(static_cast<size_t>(n), 112);
+    for (DType ta : {DType::float32, DType::bfloat16}) {
+      for (DType tout : {DType::float32, DType::bfloat16}) {
+        const std::string name =
+            "n" + std::to_string(n) + "_" + dtype_name(ta) + "+float32_to_" + dtype_name(tout);
+        cases.push_back({"add", name, 1e-6, [=](const BackendOps& ops, DeviceArena& ar) {
+                           TensorView out = ar.upload(HostTensor::zeros(tout, {n}));
+                           ops.add(ar.upload(HostTensor::of(ta, {n}, a)),
+                                   ar.upload(HostTensor::f32({n}, b)), out);
+                           return Outputs{{"out", ar.download(out, {n})}};
+                         }});
+      }
+    }
+    cases.push_back(
+        {"multiply", "n" + std::to_string(n), 0.0, [=](const BackendOps& ops, DeviceArena& ar) {
+           TensorView x = ar.upload(HostTensor::f32({n}, a));
+           ops.multiply(x, ar.upload(HostTensor::f32({n}, b)));
+           return Outputs{{"x", ar.download(x, {n})}};
+         }});
+  }
+}
+
 std::vector<OpCase> all_cases() {
   std::vector<OpCase> cases;
   add_convert_cases(cases);
+  add_elementwise_cases(cases);
   add_routing_cases(cases);
   add_dispatch_cases(cases);
   add_expert_cases(cases);

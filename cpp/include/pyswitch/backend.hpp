@@ -45,6 +45,12 @@ struct BackendOps {
   /// or copied when the dtypes match. Same element count.
   void (*convert)(const TensorView& src, const TensorView& dst) = nullptr;
 
+  /// out = a + b elementwise, added in float32; each of a, b and out is float32 or bfloat16
+  /// (converted exactly / rounded to nearest even). Same element count; out may alias a or b.
+  void (*add)(const TensorView& a, const TensorView& b, const TensorView& out) = nullptr;
+  /// x *= factor elementwise (float32, same element count): the router's jitter.
+  void (*multiply)(const TensorView& x, const TensorView& factor) = nullptr;
+
   // ---- routing (SPEC section 1) -------------------------------------------------------------
   /// logits (T, E) float32 -> plan (host). Ties go to the lower expert index.
   void (*route)(const TensorView& logits, const moe::RouteOptions& options,

@@ -24,14 +24,6 @@ TensorView i32(const int32_t* data, int64_t n) {
 // Parameter streams of the model's own tensors (the FFN layers draw from their own seeds).
 constexpr uint64_t kStreamModel = kStreamInit + 1000;
 
-void add_into(float* out, const float* a, const float* b, int64_t n) {
-  constexpr int64_t kBlock = 1 << 14;
-  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t blk) {
-    const int64_t end = std::min(n, (blk + 1) * kBlock);
-    for (int64_t i = blk * kBlock; i < end; ++i) out[i] = a[i] + b[i];
-  });
-}
-
 void validate(const SwitchLMConfig& c, const comm::Communicator* comm) {
   PYSWITCH_CHECK_ARG(
       c.vocab_size >= 2 && c.d_model >= 2 && c.num_layers >= 1 && c.num_heads >= 1 && c.d_ff >= 1,
@@ -266,7 +258,7 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
                             f32(b.probs, {B, H, S, S}));
     b.out_proj.forward(b.w_o.data(), b.attn.data(), T, projected.data());
     b.h_mid.resize(b.h_in.size());
-    add_into(b.h_mid.data(), b.h_in.data(), projected.data(), T * d);
+    ops_->add(f32(b.h_in, {T, d}), f32(projected, {T, d}), f32(b.h_mid, {T, d}));
     b.f.resize(b.h_in.size());
     b.f_inv.resize(static_cast<size_t>(T));
     ops_->rmsnorm_forward(f32(b.h_mid, {T, d}), f32(b.ffn_norm, {d}),
@@ -279,7 +271,7 @@ void SwitchLM::forward(const int32_t* inputs, int64_t B, int64_t S, bool trainin
     }
     // The next block's input; the last one's is h_final_.
     h_final_.resize(b.h_in.size());
-    add_into(h_final_.data(), b.h_mid.data(), b.ffn_out.data(), T * d);
+    ops_->add(f32(b.h_mid, {T, d}), f32(b.ffn_out, {T, d}), f32(h_final_, {T, d}));
     h = &h_final_;
   }
   z_.resize(static_cast<size_t>(T * d));
@@ -351,7 +343,7 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
     }
     ops_->rmsnorm_backward(f32(d_branch, {T, d}), f32(b.h_mid, {T, d}), f32(b.ffn_norm, {d}),
                            f32(b.f_inv, {T}), f32(d_norm, {T, d}), f32(b.ffn_norm_grad, {d}));
-    add_into(dh.data(), dh.data(), d_norm.data(), T * d);  // dh is now d(h_mid)
+    ops_->add(f32(dh, {T, d}), f32(d_norm, {T, d}), f32(dh, {T, d}));  // dh is now d(h_mid)
     // h_mid = h_in + attention(rope(norm(h_in) W_qkv)) W_o
     b.out_proj.backward(b.w_o.data(), b.attn.data(), dh.data(), T, d_branch.data(),
                         b.w_o_grad.data());
@@ -362,7 +354,7 @@ LossParts SwitchLM::step(const int32_t* tokens, int64_t B, int64_t S, bool train
                         b.w_qkv_grad.data());
     ops_->rmsnorm_backward(f32(d_branch, {T, d}), f32(b.h_in, {T, d}), f32(b.attn_norm, {d}),
                            f32(b.a_inv, {T}), f32(d_norm, {T, d}), f32(b.attn_norm_grad, {d}));
-    add_into(dh.data(), dh.data(), d_norm.data(), T * d);  // d(h_in)
+    ops_->add(f32(dh, {T, d}), f32(d_norm, {T, d}), f32(dh, {T, d}));  // d(h_in)
   }
   ops_->embedding_backward(f32(dh, {T, d}), i32(inputs.data(), T), f32(embed_grad_, {V, d}));
   return loss;

@@ -414,21 +414,10 @@ const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, 
     has_forward_ = true;
     return plan_;
   }
-  // The float32 router input (selective precision), times the jitter, in one parallel pass.
-  constexpr int64_t kBlock = 1 << 14;
-  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
-    const int64_t first = b * kBlock, count = std::min(kBlock, n - first);
-    float* out = x_used_.data() + first;
-    if (dtype == DType::float32) {
-      std::copy_n(static_cast<const float*>(x) + first, count, out);
-    } else {
-      convert_bf16_to_f32(static_cast<const bf16*>(x) + first, out, count);
-    }
-    if (jitter_active_) {
-      const float* noise = jitter_.data() + first;
-      for (int64_t i = 0; i < count; ++i) out[i] *= noise[i];
-    }
-  });
+  // The float32 router input (selective precision), times the jitter.
+  const TensorView x_used = f32_view(x_used_.data(), T, d_model_);
+  ops_->convert(TensorView::contiguous(x, dtype, {T, d_model_}), x_used);
+  if (jitter_active_) ops_->multiply(x_used, f32_view(jitter_.data(), T, d_model_));
   logits_.resize(static_cast<size_t>(T * num_experts_));
   const TensorView logits = f32_view(logits_.data(), T, num_experts_);
   ops_->gemm(f32_view(x_used_.data(), T, d_model_), false,
@@ -462,38 +451,14 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
     dx_f32.resize(static_cast<size_t>(T * d));
     dx_out = dx_f32.data();
   }
-  // dx = d_logits W^T row by row, adding the experts in index order: a row's bits must not
-  // depend on which rows share the call (a GEMM library picks kernels by the number of rows, and
-  // expert parallelism splits the rows differently from one rank). K = E is small, so this costs
-  // about as much as the logits GEMM.
-  std::vector<float> weight_t(static_cast<size_t>(E * d));
-  for (int64_t j = 0; j < d; ++j) {
-    for (int64_t e = 0; e < E; ++e)
-      weight_t[static_cast<size_t>(e * d + j)] = weight_[static_cast<size_t>(j * E + e)];
-  }
-  constexpr int64_t kRows = 32;
-  detail::parallel_for(detail::ceil_div(T, kRows), [&](int64_t b) {
-    const int64_t end = std::min(T, (b + 1) * kRows);
-    for (int64_t t = b * kRows; t < end; ++t) {
-      float* out = dx_out + t * d;
-      std::fill(out, out + d, 0.0f);
-      for (int64_t e = 0; e < E; ++e) {
-        const float g = d_logits[static_cast<size_t>(t * E + e)];
-        const float* w = weight_t.data() + e * d;
-        for (int64_t j = 0; j < d; ++j) out[j] += g * w[j];
-      }
-    }
-  });
-  if (jitter_active_) {
-    constexpr int64_t kBlock = 1 << 14;
-    const int64_t n = T * d;
-    detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t b) {
-      const int64_t first = b * kBlock, end = std::min(n, first + kBlock);
-      for (int64_t i = first; i < end; ++i) dx_out[i] *= jitter_[static_cast<size_t>(i)];
-    });
-  }
+  // dx = d_logits W^T, then times the jitter (the forward scaled x by it). The table's GEMM
+  // gives each row the same bits however many rows share the call, which expert parallelism
+  // relies on (its ranks hold different row counts).
+  const TensorView dx_view = f32_view(dx_out, T, d);
+  ops_->gemm(d_logits_view, false, f32_view(weight_.data(), d, E), true, dx_view, 1.0f, 0.0f);
+  if (jitter_active_) ops_->multiply(dx_view, f32_view(jitter_.data(), T, d));
   if (x_dtype_ == DType::bfloat16) {
-    convert_f32_to_bf16(dx_out, static_cast<bf16*>(dx), T * d);
+    ops_->convert(dx_view, TensorView::contiguous(dx, DType::bfloat16, {T, d}));
   }
 }
 

@@ -29,23 +29,6 @@ void check_dropout(const char* where, const char* name, double rate) {
                      " must be in [0, 1), got ", rate);
 }
 
-// out (n,) of b_dtype = a (of a_dtype) + b, summed in float32 in blocks (no full-size temporaries).
-void add_activations(const void* a, DType a_dtype, const void* b, DType b_dtype, int64_t n,
-                     void* out) {
-  constexpr int64_t kBlock = 4096;
-  detail::parallel_for(detail::ceil_div(n, kBlock), [&](int64_t blk) {
-    const int64_t first = blk * kBlock, count = std::min(kBlock, n - first);
-    float fa[kBlock], fb[kBlock];
-    convert_activations(static_cast<const char*>(a) + first * dtype_size(a_dtype), a_dtype, fa,
-                        DType::float32, count);
-    convert_activations(static_cast<const char*>(b) + first * dtype_size(b_dtype), b_dtype, fb,
-                        DType::float32, count);
-    for (int64_t i = 0; i < count; ++i) fa[i] += fb[i];
-    convert_activations(fa, DType::float32, static_cast<char*>(out) + first * dtype_size(b_dtype),
-                        b_dtype, count);
-  });
-}
-
 }  // namespace
 
 void convert_activations(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
@@ -305,7 +288,7 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     const TensorView dx_router = workspace_.matrix(kDxRouter, x_dtype_, T, d);
     router_.backward(d_gate.as<const float>(), options_.aux_loss_coef, options_.z_loss_coef,
                      dx_router.data);
-    add_activations(dx_experts.data, c, dx_router.data, x_dtype_, T * d, dx);
+    ops_->add(dx_experts, dx_router, TensorView::contiguous(dx, x_dtype_, {T, d}));
   });
 }
 

@@ -224,36 +224,45 @@ void attention_backward(const float* d_out, const float* qkv, const float* probs
 }
 
 Linear::Linear(int64_t in_features, int64_t out_features, DType compute)
-    : in_(in_features), out_(out_features), compute_(compute) {
+    : in_(in_features), out_(out_features), compute_(compute), ops_(&cpu_backend()) {
   PYSWITCH_CHECK_ARG(in_features >= 1 && out_features >= 1,
                      "Linear: in_features and out_features must be >= 1, got ", in_features,
                      " and ", out_features);
   check_floating(compute, "Linear", "compute dtype");
 }
 
+namespace {
+TensorView matrix(const void* data, DType dtype, int64_t rows, int64_t cols) {
+  return TensorView::contiguous(data, dtype, {rows, cols});
+}
+}  // namespace
+
 void Linear::forward(const float* weight, const float* x, int64_t T, float* y) {
+  const TensorView y_view = matrix(y, DType::float32, T, out_);
   if (compute_ == DType::float32) {
-    detail::gemm(DType::float32, false, false, T, out_, in_, 1.0f, x, in_, weight, out_, 0.0f, y,
-                 out_);
+    ops_->gemm(matrix(x, DType::float32, T, in_), false, matrix(weight, DType::float32, in_, out_),
+               false, y_view, 1.0f, 0.0f);
     return;
   }
   x_bf16_.resize(static_cast<size_t>(T * in_));
   w_bf16_.resize(static_cast<size_t>(in_ * out_));
-  convert_f32_to_bf16(x, x_bf16_.data(), T * in_);
-  convert_f32_to_bf16(weight, w_bf16_.data(), in_ * out_);
-  detail::gemm(DType::bfloat16, false, false, T, out_, in_, 1.0f, x_bf16_.data(), in_,
-               w_bf16_.data(), out_, 0.0f, y, out_);
+  const TensorView x_c = matrix(x_bf16_.data(), DType::bfloat16, T, in_);
+  const TensorView w_c = matrix(w_bf16_.data(), DType::bfloat16, in_, out_);
+  ops_->convert(matrix(x, DType::float32, T, in_), x_c);
+  ops_->convert(matrix(weight, DType::float32, in_, out_), w_c);
+  ops_->gemm(x_c, false, w_c, false, y_view, 1.0f, 0.0f);
 }
 
 void Linear::backward(const float* weight, const float* x, const float* dy, int64_t T, float* dx,
                       float* d_weight) {
+  const TensorView d_weight_view = matrix(d_weight, DType::float32, in_, out_);
   if (compute_ == DType::float32) {
+    const TensorView dy_view = matrix(dy, DType::float32, T, out_);
     if (dx) {
-      detail::gemm(DType::float32, false, true, T, in_, out_, 1.0f, dy, out_, weight, out_, 0.0f,
-                   dx, in_);
+      ops_->gemm(dy_view, false, matrix(weight, DType::float32, in_, out_), true,
+                 matrix(dx, DType::float32, T, in_), 1.0f, 0.0f);
     }
-    detail::gemm(DType::float32, true, false, in_, out_, T, 1.0f, x, in_, dy, out_, 0.0f, d_weight,
-                 out_);
+    ops_->gemm(matrix(x, DType::float32, T, in_), true, dy_view, false, d_weight_view, 1.0f, 0.0f);
     return;
   }
   // The forward's bf16 copies of x and W are still current (same step).
@@ -261,13 +270,14 @@ void Linear::backward(const float* weight, const float* x, const float* dy, int6
                        "Linear::backward: bfloat16 mode needs a forward over the same ", T,
                        " rows first");
   dy_bf16_.resize(static_cast<size_t>(T * out_));
-  convert_f32_to_bf16(dy, dy_bf16_.data(), T * out_);
+  const TensorView dy_c = matrix(dy_bf16_.data(), DType::bfloat16, T, out_);
+  ops_->convert(matrix(dy, DType::float32, T, out_), dy_c);
   if (dx) {
-    detail::gemm(DType::bfloat16, false, true, T, in_, out_, 1.0f, dy_bf16_.data(), out_,
-                 w_bf16_.data(), out_, 0.0f, dx, in_);
+    ops_->gemm(dy_c, false, matrix(w_bf16_.data(), DType::bfloat16, in_, out_), true,
+               matrix(dx, DType::float32, T, in_), 1.0f, 0.0f);
   }
-  detail::gemm(DType::bfloat16, true, false, in_, out_, T, 1.0f, x_bf16_.data(), in_,
-               dy_bf16_.data(), out_, 0.0f, d_weight, out_);
+  ops_->gemm(matrix(x_bf16_.data(), DType::bfloat16, T, in_), true, dy_c, false, d_weight_view,
+             1.0f, 0.0f);
   (void)weight;
   (void)x;
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "pyswitch/backend.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/tensor.hpp"
 
@@ -59,6 +60,7 @@ class Linear {
  private:
   int64_t in_, out_;
   DType compute_;
+  const BackendOps* ops_;  // the conversions and GEMMs go through this table
   std::vector<bf16> x_bf16_, w_bf16_, dy_bf16_;
 };
 
