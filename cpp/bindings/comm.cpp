@@ -61,9 +61,9 @@ void bind_comm(py::module_& m) {
             const auto dt = buffer_dtype_of("all_to_all_v", "x", x);
             const int W = c.size();
             if (rows.ndim() != 1 || rows.shape(0) != W) {
-              throw InvalidArgument(
-                  detail::concat("all_to_all_v: send_counts must have size=", W,
-                                 " entries, got ", rows.ndim() == 1 ? rows.shape(0) : rows.size()));
+              throw InvalidArgument(detail::concat("all_to_all_v: send_counts must have size=", W,
+                                                   " entries, got ",
+                                                   rows.ndim() == 1 ? rows.shape(0) : rows.size()));
             }
             // After a failed call MPI may still write into its buffers (see comm/mpi.hpp):
             // buffers of a failed exchange are left allocated on purpose.

@@ -149,6 +149,15 @@ std::vector<ParamRef> SwitchLM::parameters() {
   const int64_t d = config_.d_model, V = config_.vocab_size, f = config_.d_ff;
   std::vector<ParamRef> out;
   out.push_back({"embed", embed_.data(), embed_grad_.data(), {V, d}, false, true});
+  // An FFN's w_in and w_out, with their bf16 compute copies (null in float32).
+  auto ffn_matrices = [&out](const std::string& prefix, moe::ExpertWeights& w,
+                             std::vector<int64_t> in_shape, std::vector<int64_t> out_shape,
+                             bool expert) {
+    out.push_back({prefix + "ffn.w_in", w.w_in(), w.w_in_grad(), std::move(in_shape), expert, true,
+                   copy_owner(w), w.w_in_bf16()});
+    out.push_back({prefix + "ffn.w_out", w.w_out(), w.w_out_grad(), std::move(out_shape), expert,
+                   true, copy_owner(w), w.w_out_bf16()});
+  };
   for (size_t l = 0; l < blocks_.size(); ++l) {
     Block& b = *blocks_[l];
     const std::string p = "layers." + std::to_string(l) + ".";
@@ -166,42 +175,9 @@ std::vector<ParamRef> SwitchLM::parameters() {
                      {d, config_.num_experts},
                      false,
                      true});
-      moe::ExpertWeights& w = s.weights();
-      out.push_back({p + "ffn.w_in",
-                     w.w_in(),
-                     w.w_in_grad(),
-                     {E, d, f},
-                     true,
-                     true,
-                     copy_owner(w),
-                     w.w_in_bf16()});
-      out.push_back({p + "ffn.w_out",
-                     w.w_out(),
-                     w.w_out_grad(),
-                     {E, f, d},
-                     true,
-                     true,
-                     copy_owner(w),
-                     w.w_out_bf16()});
+      ffn_matrices(p, s.weights(), {E, d, f}, {E, f, d}, /*expert=*/true);
     } else {
-      moe::DenseFFN& s = *b.dense_ffn;
-      moe::ExpertWeights& w = s.weights();
-      out.push_back({p + "ffn.w_in",
-                     w.w_in(),
-                     w.w_in_grad(),
-                     {d, f},
-                     false,
-                     true,
-                     copy_owner(w),
-                     w.w_in_bf16()});
-      out.push_back({p + "ffn.w_out",
-                     w.w_out(),
-                     w.w_out_grad(),
-                     {f, d},
-                     false,
-                     true,
-                     copy_owner(w),
-                     w.w_out_bf16()});
+      ffn_matrices(p, b.dense_ffn->weights(), {d, f}, {f, d}, /*expert=*/false);
     }
   }
   out.push_back({"final_norm", final_norm_.data(), final_norm_grad_.data(), {d}, false, false});

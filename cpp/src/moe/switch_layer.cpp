@@ -144,12 +144,12 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
     const TensorView x_in = TensorView::contiguous(x, x_dtype, {T, d});
     TensorView x_c = x_in;
     if (x_dtype != c) {
-      x_c = workspace_.matrix(kTokens, c, T, d);
+      x_c = rows_of(kTokens, T);
       ops_->convert(x_in, x_c);
     }
     const int64_t rows = layout_.total_rows;
-    const TensorView buffer = workspace_.matrix(kBuffer, c, rows, d);
-    const TensorView expert_out = workspace_.matrix(kExpertOut, c, rows, d);
+    const TensorView buffer = rows_of(kBuffer, rows);
+    const TensorView expert_out = rows_of(kExpertOut, rows);
     ops_->dispatch(x_c, layout_, buffer);
 
     DropoutSpec dropout;
@@ -169,7 +169,7 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
     if (x_dtype == c) {
       ops_->combine(expert_out, layout_, gate, y_out);
     } else {
-      const TensorView y_c = workspace_.matrix(kCombined, c, T, d);
+      const TensorView y_c = rows_of(kCombined, T);
       ops_->combine(expert_out, layout_, gate, y_c);
       ops_->convert(y_c, y_out);
     }
@@ -218,39 +218,42 @@ void SwitchFFN::permute(const void* from, void* to, bool to_expert_major) const 
   permute_rows(exchange_, shape_.d_model * dtype_size(options_.dtype), from, to, to_expert_major);
 }
 
+TensorView SwitchFFN::rows_of(Slot slot, int64_t count) {
+  return workspace_.matrix(slot, options_.dtype, count, shape_.d_model);
+}
+
 void SwitchFFN::forward_experts(DropoutSpec dropout) {
   exchange_counts();
   const DType c = options_.dtype;
-  const int64_t d = shape_.d_model, rows = layout_.total_rows;
+  const int64_t rows = layout_.total_rows;
   const int64_t local_rows = exchange_.local_offsets.back();
-  const TensorView wire = workspace_.matrix(kWire, c, local_rows, d);
-  const TensorView expert_in = workspace_.matrix(kExpertIn, c, local_rows, d);
-  const TensorView expert_result = workspace_.matrix(kExpertResult, c, local_rows, d);
-  exchange(workspace_.matrix(kBuffer, c, rows, d).data, wire.data, /*to_owners=*/true);
+  const TensorView wire = rows_of(kWire, local_rows);
+  const TensorView expert_in = rows_of(kExpertIn, local_rows);
+  const TensorView expert_result = rows_of(kExpertResult, local_rows);
+  exchange(rows_of(kBuffer, rows).data, wire.data, /*to_owners=*/true);
   permute(wire.data, expert_in.data, /*to_expert_major=*/true);
   dropout.first_row = exchange_.first_row;
   ops_->experts_forward(shape_, weights_.compute_params(c), exchange_.local_offsets.data(),
                         expert_in, expert_result, &cache_, dropout);
   permute(expert_result.data, wire.data, /*to_expert_major=*/false);
-  exchange(wire.data, workspace_.matrix(kExpertOut, c, rows, d).data, /*to_owners=*/false);
+  exchange(wire.data, rows_of(kExpertOut, rows).data, /*to_owners=*/false);
 }
 
 void SwitchFFN::backward_experts() {
   // kDExpertOut (this rank's packed rows) -> the owners; their input gradients come back into
   // kDBuffer. kExpertResult is free after the forward, so it holds the permuted dy.
-  const DType c = options_.dtype;
-  const int64_t d = shape_.d_model, rows = layout_.total_rows;
+  const int64_t rows = layout_.total_rows;
   const int64_t local_rows = exchange_.local_offsets.back();
-  const TensorView wire = workspace_.matrix(kWire, c, local_rows, d);
-  const TensorView expert_in = workspace_.matrix(kExpertIn, c, local_rows, d);
-  const TensorView d_expert_result = workspace_.matrix(kExpertResult, c, local_rows, d);
-  const TensorView d_expert_in = workspace_.matrix(kDExpertIn, c, local_rows, d);
-  exchange(workspace_.matrix(kDExpertOut, c, rows, d).data, wire.data, /*to_owners=*/true);
+  const TensorView wire = rows_of(kWire, local_rows);
+  const TensorView expert_in = rows_of(kExpertIn, local_rows);
+  const TensorView d_expert_result = rows_of(kExpertResult, local_rows);
+  const TensorView d_expert_in = rows_of(kDExpertIn, local_rows);
+  exchange(rows_of(kDExpertOut, rows).data, wire.data, /*to_owners=*/true);
   permute(wire.data, d_expert_result.data, /*to_expert_major=*/true);
   ops_->experts_backward(shape_, weights_.params(), exchange_.local_offsets.data(), expert_in,
                          cache_, d_expert_result, d_expert_in, weights_.grads());
   permute(d_expert_in.data, wire.data, /*to_expert_major=*/false);
-  exchange(wire.data, workspace_.matrix(kDBuffer, c, rows, d).data, /*to_owners=*/false);
+  exchange(wire.data, rows_of(kDBuffer, rows).data, /*to_owners=*/false);
 }
 
 void SwitchFFN::backward(const void* dy, void* dx) {
@@ -264,24 +267,24 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     const TensorView dy_in = TensorView::contiguous(dy, x_dtype_, {T, d});
     TensorView dy_c = dy_in;
     if (x_dtype_ != c) {
-      dy_c = workspace_.matrix(kTokens, c, T, d);
+      dy_c = rows_of(kTokens, T);
       ops_->convert(dy_in, dy_c);
     }
     const int64_t rows = layout_.total_rows;
-    const TensorView buffer = workspace_.matrix(kBuffer, c, rows, d);
-    const TensorView d_expert_out = workspace_.matrix(kDExpertOut, c, rows, d);
+    const TensorView buffer = rows_of(kBuffer, rows);
+    const TensorView d_expert_out = rows_of(kDExpertOut, rows);
     const TensorView d_gate = workspace_.matrix(kDGate, DType::float32, T, k);
-    ops_->combine_backward(dy_c, workspace_.matrix(kExpertOut, c, rows, d), layout_,
+    ops_->combine_backward(dy_c, rows_of(kExpertOut, rows), layout_,
                            TensorView::contiguous(plan.gate.data(), DType::float32, {T, k}),
                            d_expert_out, d_gate);
-    const TensorView d_buffer = workspace_.matrix(kDBuffer, c, rows, d);
+    const TensorView d_buffer = rows_of(kDBuffer, rows);
     if (!comm_) {
       ops_->experts_backward(shape_, weights_.params(), layout_.expert_offset.data(), buffer,
                              cache_, d_expert_out, d_buffer, weights_.grads());
     } else {
       backward_experts();
     }
-    const TensorView dx_experts = workspace_.matrix(kDxExperts, c, T, d);
+    const TensorView dx_experts = rows_of(kDxExperts, T);
     ops_->dispatch_backward(d_buffer, layout_, dx_experts);
 
     // The router's path: d(gate) plus the scaled losses, back to x through the logits.
@@ -325,20 +328,24 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
   if (options.dtype == DType::bfloat16) weights_.enable_compute_copy();
 }
 
+TensorView DenseFFN::rows_of(Slot slot, int64_t count) {
+  return workspace_.matrix(slot, options_.dtype, count, shape_.d_model);
+}
+
 void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, void* y) {
   PYSWITCH_CHECK_ARG(T >= 1, "DenseFFN.forward: x must have at least one token row, got shape (", T,
                      ", ", shape_.d_model, ")");
   has_forward_ = false;
   const int64_t d = shape_.d_model;
   const DType c = options_.dtype;
-  const TensorView x_c = workspace_.matrix(kX, c, T, d);
+  const TensorView x_c = rows_of(kX, T);
   ops_->convert(TensorView::contiguous(x, x_dtype, {T, d}), x_c);
   const int64_t offsets[2] = {0, T};
   DropoutSpec dropout;
   if (training && options_.dropout > 0) {
     dropout = {options_.dropout, options_.seed, kStreamDropout + training_steps_++};
   }
-  const TensorView y_c = workspace_.matrix(kY, c, T, d);
+  const TensorView y_c = rows_of(kY, T);
   ops_->experts_forward(shape_, weights_.compute_params(c), offsets, x_c, y_c, &cache_, dropout);
   ops_->convert(y_c, TensorView::contiguous(y, x_dtype, {T, d}));
   x_dtype_ = x_dtype;
@@ -351,13 +358,12 @@ void DenseFFN::backward(const void* dy, void* dx) {
                        "DenseFFN.backward: no forward pass to differentiate; call forward(x) "
                        "first");
   const int64_t T = tokens_, d = shape_.d_model;
-  const DType c = options_.dtype;
-  const TensorView dy_c = workspace_.matrix(kDy, c, T, d);
-  const TensorView dx_c = workspace_.matrix(kDx, c, T, d);
+  const TensorView dy_c = rows_of(kDy, T);
+  const TensorView dx_c = rows_of(kDx, T);
   ops_->convert(TensorView::contiguous(dy, x_dtype_, {T, d}), dy_c);
   const int64_t offsets[2] = {0, T};
-  ops_->experts_backward(shape_, weights_.params(), offsets, workspace_.matrix(kX, c, T, d), cache_,
-                         dy_c, dx_c, weights_.grads());
+  ops_->experts_backward(shape_, weights_.params(), offsets, rows_of(kX, T), cache_, dy_c, dx_c,
+                         weights_.grads());
   ops_->convert(dx_c, TensorView::contiguous(dx, x_dtype_, {T, d}));
 }
 

@@ -150,6 +150,8 @@ class SwitchFFN {
   };
   const BackendOps* ops_;
   Workspace workspace_;
+  // Slot `slot` as `count` rows of d_model in the compute dtype.
+  TensorView rows_of(Slot slot, int64_t count);
   ExpertCache cache_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
@@ -196,6 +198,7 @@ class DenseFFN {
   enum Slot { kX, kY, kDy, kDx, kSlotCount };
   const BackendOps* ops_;
   Workspace workspace_;
+  TensorView rows_of(Slot slot, int64_t count);  // as SwitchFFN::rows_of
   ExpertCache cache_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
