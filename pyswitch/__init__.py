@@ -6,7 +6,7 @@ type). See ``build_info()`` for what this build contains.
 
 from ml_dtypes import bfloat16
 
-from . import _core, comm
+from . import _core, comm, cuda
 from ._core import CheckpointError, CommError, CommTimeout, DeviceError, Error
 from .dispatch import (
     DispatchLayout,
@@ -34,6 +34,7 @@ __version__ = _core.build_info()["version"]
 
 __all__ = [
     "comm",
+    "cuda",
     "bfloat16",
     "Error",
     "CommError",

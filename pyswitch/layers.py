@@ -19,6 +19,7 @@ from .runtime import _as_int, _as_seed
 
 _ACTIVATIONS = ("relu", "gelu", "geglu")
 _DTYPES = ("float32", "bfloat16")
+_DEVICES = ("cpu", "cuda")
 
 
 def matmul(a: np.ndarray, b: np.ndarray, *, library: str = "pyswitch") -> np.ndarray:
@@ -73,6 +74,9 @@ class SwitchFFN:
     init_scale : float
         Truncated-normal init, ``std = sqrt(init_scale / fan_in)``, cut at 2 std.
     seed : int
+    device : {"cpu", "cuda"}
+        Where the layer runs. Only "cpu" in this version: "cuda" raises
+        :class:`pyswitch.DeviceError` (see :func:`pyswitch.cuda.is_available`).
     comm : pyswitch.comm.Communicator, optional
         Expert parallelism (SPEC section 3): rank r of W holds experts ``[r*E/W, (r+1)*E/W)``
         (``num_experts % W != 0`` is a ``ValueError``), initialised as those experts are in a
@@ -124,6 +128,7 @@ class SwitchFFN:
         init_scale: float = 0.1,
         seed: int = 0,
         comm=None,
+        device: str = "cpu",
     ):
         where = "SwitchFFN"
         comm_impl = None
@@ -160,6 +165,7 @@ class SwitchFFN:
             dtype=self.dtype,
             aux_loss_coef=_as_factor(where, "aux_loss_coef", aux_loss_coef, allow_none=False),
             z_loss_coef=_as_factor(where, "z_loss_coef", z_loss_coef, allow_none=False),
+            device=_as_str(where, "device", device, _DEVICES),
         )
         self._impl = _core.SwitchFFN(
             _as_int(where, "d_model", d_model),
@@ -258,6 +264,9 @@ class DenseFFN:
     dtype : {"float32", "bfloat16"}
     init_scale : float
     seed : int
+    device : {"cpu", "cuda"}
+        Where the layer runs. Only "cpu" in this version: "cuda" raises
+        :class:`pyswitch.DeviceError` (see :func:`pyswitch.cuda.is_available`).
 
     Attributes
     ----------
@@ -283,6 +292,7 @@ class DenseFFN:
         dtype: str = "float32",
         init_scale: float = 0.1,
         seed: int = 0,
+        device: str = "cpu",
     ):
         where = "DenseFFN"
         self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
@@ -294,6 +304,7 @@ class DenseFFN:
             dtype=self.dtype,
             init_scale=_as_factor(where, "init_scale", init_scale, allow_none=False),
             seed=_as_seed(where, seed),
+            device=_as_str(where, "device", device, _DEVICES),
         )
         self._impl = _core.DenseFFN(
             _as_int(where, "d_model", d_model), _as_int(where, "d_ff", d_ff), options

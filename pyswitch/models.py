@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from . import _core
-from .routing import _as_factor
+from .routing import _as_factor, _as_str
 from .runtime import _as_int, _as_seed
 
 
@@ -66,6 +66,8 @@ class SwitchLM:
     Parameters
     ----------
     config : SwitchLMConfig
+    device : {"cpu", "cuda"}
+        Where the model runs; "cuda" raises :class:`pyswitch.DeviceError` in this version.
     comm : pyswitch.comm.Communicator, optional
         Expert parallelism for the Switch layers (``num_experts`` divisible by the ranks); the
         other parameters are replicated. See "Gradient scale" in :mod:`pyswitch.comm`: pass the
@@ -87,7 +89,7 @@ class SwitchLM:
         The tensors weight decay applies to (the matrices).
     """
 
-    def __init__(self, config: SwitchLMConfig | None = None, comm=None):
+    def __init__(self, config: SwitchLMConfig | None = None, comm=None, *, device: str = "cpu"):
         c = config or SwitchLMConfig()
         where = "SwitchLM"
         comm_impl = None
@@ -125,6 +127,7 @@ class SwitchLM:
             rope_base=_as_factor(where, "rope_base", c.rope_base, allow_none=False),
             norm_eps=_as_factor(where, "norm_eps", c.norm_eps, allow_none=False),
             seed=_as_seed(where, c.seed),
+            device=_as_str(where, "device", device, ("cpu", "cuda")),
         )
         self._impl = _core.SwitchLM(config, comm_impl)
         self.grads = {}

@@ -34,6 +34,16 @@ void def_dtype(py::class_<Options>& cls, const char* where, DType Options::*fiel
       [field, where](Options& o, const std::string& name) { o.*field = parse_dtype(where, name); });
 }
 
+// A field of type Device, as "cpu" / "cuda".
+template <typename Options>
+void def_device(py::class_<Options>& cls, const char* where, Device Options::*field) {
+  cls.def_property(
+      "device", [field](const Options& o) { return std::string(device_name(o.*field)); },
+      [field, where](Options& o, const std::string& name) {
+        o.*field = parse_device(where, name);
+      });
+}
+
 // A field of type Activation, as its name.
 template <typename Options>
 void def_activation(py::class_<Options>& cls, moe::Activation Options::*field) {
@@ -112,6 +122,7 @@ void bind_options(py::module_& m) {
       .def_readwrite("z_loss_coef", &moe::SwitchFFNOptions::z_loss_coef);
   def_activation(switch_ffn, &moe::SwitchFFNOptions::activation);
   def_dtype(switch_ffn, "SwitchFFN", &moe::SwitchFFNOptions::dtype);
+  def_device(switch_ffn, "SwitchFFN", &moe::SwitchFFNOptions::device);
 
   py::class_<moe::DenseFFNOptions> dense_ffn(m, "DenseFFNOptions");
   def_keyword_init(dense_ffn);
@@ -121,6 +132,7 @@ void bind_options(py::module_& m) {
       .def_readwrite("seed", &moe::DenseFFNOptions::seed);
   def_activation(dense_ffn, &moe::DenseFFNOptions::activation);
   def_dtype(dense_ffn, "DenseFFN", &moe::DenseFFNOptions::dtype);
+  def_device(dense_ffn, "DenseFFN", &moe::DenseFFNOptions::device);
 
   using model::SwitchLMConfig;
   py::class_<SwitchLMConfig> lm(m, "SwitchLMConfig");
@@ -143,6 +155,7 @@ void bind_options(py::module_& m) {
       .def_readwrite("norm_eps", &SwitchLMConfig::norm_eps)
       .def_readwrite("seed", &SwitchLMConfig::seed);
   def_dtype(lm, "SwitchLM", &SwitchLMConfig::dtype);
+  def_device(lm, "SwitchLM", &SwitchLMConfig::device);
 
   py::class_<optim::AdamWOptions> adamw(m, "AdamWOptions");
   def_keyword_init(adamw);

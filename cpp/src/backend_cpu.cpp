@@ -490,6 +490,22 @@ const BackendOps* register_backend(const BackendOps& table) {
   return cuda_table().exchange(&table);
 }
 
+Device parse_device(const std::string& where, const std::string& name) {
+  if (name == "cpu") return Device::cpu;
+  if (name == "cuda") return Device::cuda;
+  throw InvalidArgument(where + ": device must be 'cpu' or 'cuda', got '" + name + "'");
+}
+
+const BackendOps& layer_backend(const char* where, Device device) {
+  if (device == Device::cpu) return cpu_backend();
+  const BackendOps* table = cuda_table().load();
+  throw DeviceError(detail::concat(
+      where, ": device 'cuda' is not available: ",
+      table == nullptr ? "this build has no CUDA backend loaded (build_info()['cuda'] is False)"
+                       : "the layers of this version run on the cpu only",
+      "; use device='cpu'"));
+}
+
 int backend_op_count() {
   int n = 0;
   for_each_op(cpu_backend(), [&](const char*, bool) { ++n; });

@@ -780,3 +780,23 @@ TEST(backend_ops_reject_bad_views) {
   }
   CHECK(threw);
 }
+
+TEST(backend_ops_layers_refuse_a_device_they_cannot_run_on) {
+  CHECK(&layer_backend("SwitchFFN", Device::cpu) == &cpu_backend());
+  bool threw = false;
+  try {
+    (void)layer_backend("SwitchFFN", Device::cuda);
+  } catch (const DeviceError& e) {
+    threw = std::string(e.what()).find("SwitchFFN: device 'cuda' is not available") == 0;
+  }
+  CHECK(threw);
+  CHECK(parse_device("x", "cpu") == Device::cpu);
+  CHECK(parse_device("x", "cuda") == Device::cuda);
+  threw = false;
+  try {
+    (void)parse_device("SwitchFFN", "gpu");
+  } catch (const InvalidArgument& e) {
+    threw = std::string(e.what()) == "SwitchFFN: device must be 'cpu' or 'cuda', got 'gpu'";
+  }
+  CHECK(threw);
+}

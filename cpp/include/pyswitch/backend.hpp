@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "pyswitch/moe/dispatch.hpp"
 #include "pyswitch/moe/expert.hpp"
@@ -152,6 +153,15 @@ const BackendOps& cpu_backend();
 /// table it replaced, or null. Throws InvalidArgument for the CPU device (the reference cannot
 /// be replaced) or a table with a missing op. Thread-safe.
 const BackendOps* register_backend(const BackendOps& table);
+
+/// "cpu" or "cuda" -> Device. Throws InvalidArgument "<where>: device must be 'cpu' or 'cuda',
+/// got '<name>'".
+Device parse_device(const std::string& where, const std::string& name);
+
+/// The table a layer or model constructed for `device` runs on. Device::cpu: the CPU table.
+/// Device::cuda: throws DeviceError naming `where`, both where no CUDA backend is loaded and
+/// (in this version) where one is, since the layers do not yet keep their state on a device.
+const BackendOps& layer_backend(const char* where, Device device);
 
 /// The op names of BackendOps in declaration order, and whether `table` has each one: what
 /// the backend-ops test iterates and what register_backend checks.

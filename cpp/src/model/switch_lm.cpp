@@ -70,7 +70,7 @@ struct SwitchLM::Block {
 };
 
 SwitchLM::SwitchLM(const SwitchLMConfig& c, comm::Communicator* comm)
-    : config_((validate(c, comm), c)), comm_(comm), ops_(&cpu_backend()) {
+    : config_((validate(c, comm), c)), comm_(comm), ops_(&layer_backend("SwitchLM", c.device)) {
   const int64_t d = c.d_model, V = c.vocab_size;
   auto init = [&](std::vector<float>& w, int64_t n, int64_t fan_in, uint64_t stream) {
     w.resize(static_cast<size_t>(n));

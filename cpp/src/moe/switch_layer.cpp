@@ -103,7 +103,7 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       router_(d_model, num_experts, options.router),
       weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed,
                first_expert_),
-      ops_(&cpu_backend()),
+      ops_(&layer_backend("SwitchFFN", options.device)),
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "SwitchFFN", "options.dtype");
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
@@ -321,7 +321,7 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
       options_(options),
       weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
                options.init_scale, options.seed),
-      ops_(&cpu_backend()),
+      ops_(&layer_backend("DenseFFN", options.device)),
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "DenseFFN", "options.dtype");
   check_dropout("DenseFFN", "dropout", options.dropout);

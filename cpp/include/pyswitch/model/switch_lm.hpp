@@ -45,6 +45,7 @@ struct SwitchLMConfig {
   double rope_base = 10000.0;
   double norm_eps = 1e-6;
   uint64_t seed = 0;
+  Device device = Device::cpu;  ///< where the model runs (cuda: DeviceError in this version)
 };
 
 /// The parts of the loss of one forward (the CE is the mean over `loss_tokens`).

@@ -25,6 +25,7 @@ struct SwitchFFNOptions {
   DType dtype = DType::float32;  ///< compute dtype (float32 or bfloat16); parameters stay float32
   double aux_loss_coef = 1e-2;
   double z_loss_coef = 1e-3;
+  Device device = Device::cpu;  ///< where the layer runs (cuda: DeviceError in this version)
 };
 
 /// Routing statistics of the last forward.
@@ -169,6 +170,7 @@ struct DenseFFNOptions {
   DType dtype = DType::float32;  ///< float32 or bfloat16
   double init_scale = 0.1;
   uint64_t seed = 0;
+  Device device = Device::cpu;  ///< as SwitchFFNOptions::device
 };
 
 class DenseFFN {
