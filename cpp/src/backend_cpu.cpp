@@ -196,7 +196,8 @@ void cpu_combine_backward(const TensorView& dy, const TensorView& expert_out,
                           const moe::DispatchLayout& layout, const TensorView& gate,
                           const TensorView& d_expert_out, const TensorView& d_gate) {
   require_layout_views("combine_backward", "dy", dy, "expert_out", expert_out, layout);
-  require_layout_views("combine_backward", "dy", dy, "d_expert_out", d_expert_out, layout);
+  require("combine_backward", "d_expert_out", d_expert_out, {dy.dtype},
+          {layout.total_rows, dy.shape[1]});
   require("combine_backward", "gate", gate, kFloat32, {layout.num_tokens, layout.k});
   require("combine_backward", "d_gate", d_gate, kFloat32, {layout.num_tokens, layout.k});
   moe::combine_backward(dy.data, expert_out.data, dy.dtype, dy.shape[1], layout,

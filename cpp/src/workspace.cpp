@@ -21,12 +21,6 @@ void* Workspace::bytes(int slot, int64_t bytes) {
   return s.data;
 }
 
-int64_t Workspace::reserved_bytes() const {
-  int64_t total = 0;
-  for (const Slot& s : slots_) total += s.capacity;
-  return total;
-}
-
 void Workspace::release_all() {
   for (Slot& s : slots_) {
     backend_->release(s.data);

@@ -108,8 +108,6 @@ struct TensorView {
     return n;
   }
   int64_t nbytes() const { return numel() * dtype_size(dtype); }
-  /// Extent of dimension i, or 1 past ndim (so a (T,) view reads as (T, 1)).
-  int64_t dim(int i) const { return i < ndim ? shape[i] : 1; }
   bool is_valid() const { return ndim >= 0 && ndim <= kMaxTensorDims; }
   bool is_contiguous() const {
     int64_t stride = 1;

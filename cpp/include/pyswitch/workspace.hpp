@@ -46,15 +46,6 @@ class Workspace {
                                   backend_->device);
   }
 
-  template <class T>
-  T* typed(int slot, int64_t count) {
-    return static_cast<T*>(bytes(slot, count * static_cast<int64_t>(sizeof(T))));
-  }
-
-  /// Bytes held by all slots (what the layer's scratch costs).
-  int64_t reserved_bytes() const;
-  const BackendOps& backend() const { return *backend_; }
-
  private:
   struct Slot {
     void* data = nullptr;

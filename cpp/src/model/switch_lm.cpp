@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "gemm.hpp"
-#include "parallel.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/random.hpp"
 

@@ -9,7 +9,6 @@
 #include <sstream>
 
 #include "cpu/kernels.hpp"
-#include "gemm.hpp"
 #include "parallel.hpp"
 #include "pyswitch/backend.hpp"
 #include "pyswitch/bf16.hpp"

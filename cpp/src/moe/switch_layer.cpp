@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstring>
 
-#include "parallel.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/error.hpp"
 #include "pyswitch/random.hpp"
@@ -94,7 +93,8 @@ double bits_double(int64_t bits) {
 
 SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
                      const SwitchFFNOptions& options, comm::Communicator* comm)
-    : shape_{local_expert_count(d_model, d_ff, num_experts, comm), d_model, d_ff,
+    : ops_(&layer_backend("SwitchFFN", options.device)),
+      shape_{local_expert_count(d_model, d_ff, num_experts, comm), d_model, d_ff,
              options.activation},
       num_experts_(num_experts),
       options_(options),
@@ -103,7 +103,6 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       router_(d_model, num_experts, options.router),
       weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed,
                first_expert_),
-      ops_(&layer_backend("SwitchFFN", options.device)),
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "SwitchFFN", "options.dtype");
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
@@ -317,11 +316,11 @@ SwitchStats SwitchFFN::stats() const {
 // DenseFFN
 
 DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options)
-    : shape_{1, d_model, d_ff, options.activation},
+    : ops_(&layer_backend("DenseFFN", options.device)),
+      shape_{1, d_model, d_ff, options.activation},
       options_(options),
       weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
                options.init_scale, options.seed),
-      ops_(&layer_backend("DenseFFN", options.device)),
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "DenseFFN", "options.dtype");
   check_dropout("DenseFFN", "dropout", options.dropout);

@@ -120,6 +120,8 @@ class SwitchFFN {
   void forward_experts(DropoutSpec dropout);
   void backward_experts();
 
+  // Declared first: a device the layer cannot run on fails before the weights are initialised.
+  const BackendOps* ops_;
   ExpertShape shape_;  // this rank's experts
   int64_t num_experts_;
   SwitchFFNOptions options_;
@@ -149,7 +151,6 @@ class SwitchFFN {
     kDGate,      // (T, k) float32
     kSlotCount
   };
-  const BackendOps* ops_;
   Workspace workspace_;
   // Slot `slot` as `count` rows of d_model in the compute dtype.
   TensorView rows_of(Slot slot, int64_t count);
@@ -193,12 +194,12 @@ class DenseFFN {
   void set_training_steps(uint64_t steps) { training_steps_ = steps; }
 
  private:
+  const BackendOps* ops_;  // first, as in SwitchFFN
   ExpertShape shape_;
   DenseFFNOptions options_;
   ExpertWeights weights_;
   // The layer's arena (see SwitchFFN): x, y, dy and dx in the compute dtype.
   enum Slot { kX, kY, kDy, kDx, kSlotCount };
-  const BackendOps* ops_;
   Workspace workspace_;
   TensorView rows_of(Slot slot, int64_t count);  // as SwitchFFN::rows_of
   ExpertCache cache_;
