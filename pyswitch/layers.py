@@ -14,12 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from .routing import _as_factor, _as_str, _router_options
+from .routing import _as_device, _as_factor, _as_str, _router_options
 from .runtime import _as_int, _as_seed
 
 _ACTIVATIONS = ("relu", "gelu", "geglu")
 _DTYPES = ("float32", "bfloat16")
-_DEVICES = ("cpu", "cuda")
 
 
 def matmul(a: np.ndarray, b: np.ndarray, *, library: str = "pyswitch") -> np.ndarray:
@@ -44,7 +43,26 @@ def matmul(a: np.ndarray, b: np.ndarray, *, library: str = "pyswitch") -> np.nda
     return _core.matmul(a, b, library=library)
 
 
-class SwitchFFN:
+class _DeviceArrayPath:
+    """forward_into / backward_into, shared by the layers (``self._impl`` is the core layer)."""
+
+    def forward_into(self, x, y, training: bool = False) -> None:
+        """The device-array path of a ``device="cuda"`` layer: ``forward`` on CUDA arrays, with
+        no copy.
+
+        ``x`` and ``y`` are any C-contiguous (T, d_model) float32 or bfloat16 arrays on the GPU
+        that export DLPack (``__dlpack__``: torch, CuPy, JAX); ``y`` (the dtype of ``x``) is
+        written in place. The layer runs on the default CUDA stream, so work queued there by the
+        caller is ordered with it.
+        """
+        self._impl.forward_into(x, y, bool(training))
+
+    def backward_into(self, dy, dx) -> None:
+        """``backward`` on CUDA arrays (see :meth:`forward_into`); ``dx`` is written in place."""
+        self._impl.backward_into(dy, dx)
+
+
+class SwitchFFN(_DeviceArrayPath):
     """A Switch Transformer FFN layer: router, dispatch, expert FFNs, combine.
 
     ``y[t] = sum over kept j of gate[t, j] * Expert_{e[t, j]}(x[t])`` with
@@ -75,8 +93,10 @@ class SwitchFFN:
         Truncated-normal init, ``std = sqrt(init_scale / fan_in)``, cut at 2 std.
     seed : int
     device : {"cpu", "cuda"}
-        Where the layer runs. Only "cpu" in this version: "cuda" raises
-        :class:`pyswitch.DeviceError` (see :func:`pyswitch.cuda.is_available`).
+        Where the layer runs. "cuda" keeps parameters, gradients and activations on the GPU
+        (one device, no ``comm``): ``forward``/``backward`` copy NumPy arrays in and out, and
+        ``params``/``grads`` are read-only host copies. Raises :class:`pyswitch.DeviceError`
+        where CUDA is not available (see :func:`pyswitch.cuda.is_available`).
     comm : pyswitch.comm.Communicator, optional
         Expert parallelism (SPEC section 3): rank r of W holds experts ``[r*E/W, (r+1)*E/W)``
         (``num_experts % W != 0`` is a ``ValueError``), initialised as those experts are in a
@@ -144,6 +164,7 @@ class SwitchFFN:
         self.comm = comm
         self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
         self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
+        self.device = _as_device(where, device)
         options = _core.SwitchFFNOptions(
             router=_router_options(
                 where,
@@ -165,7 +186,7 @@ class SwitchFFN:
             dtype=self.dtype,
             aux_loss_coef=_as_factor(where, "aux_loss_coef", aux_loss_coef, allow_none=False),
             z_loss_coef=_as_factor(where, "z_loss_coef", z_loss_coef, allow_none=False),
-            device=_as_str(where, "device", device, _DEVICES),
+            device=self.device,
         )
         self._impl = _core.SwitchFFN(
             _as_int(where, "d_model", d_model),
@@ -174,14 +195,23 @@ class SwitchFFN:
             options,
             comm_impl,
         )
-        self.grads = dict(self._impl.tensors(True))
+        self._live_grads = dict(self._impl.tensors(True)) if self.device == "cpu" else None
         self.first_expert = self._impl.first_expert
         self.local_experts = self._impl.local_experts
 
     @property
     def params(self) -> dict:
-        """Live float32 views of the master parameters, made on each access."""
+        """Live float32 views of the master parameters, made on each access (read-only host
+        copies on cuda)."""
         return dict(self._impl.tensors(False))
+
+    @property
+    def grads(self) -> dict:
+        """Live float32 views of the gradients, overwritten by each backward (read-only host
+        copies of the current gradients on cuda)."""
+        if self._live_grads is not None:
+            return self._live_grads
+        return dict(self._impl.tensors(True))
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer.
@@ -248,7 +278,7 @@ class SwitchFFN:
         }
 
 
-class DenseFFN:
+class DenseFFN(_DeviceArrayPath):
     """The dense FFN with the interface of :class:`SwitchFFN`: every token through one FFN.
 
     ``y = act(x @ w_in + b_in) @ w_out + b_out``. With ``d_ff`` equal to the Switch layer's, it
@@ -265,8 +295,10 @@ class DenseFFN:
     init_scale : float
     seed : int
     device : {"cpu", "cuda"}
-        Where the layer runs. Only "cpu" in this version: "cuda" raises
-        :class:`pyswitch.DeviceError` (see :func:`pyswitch.cuda.is_available`).
+        Where the layer runs. "cuda" keeps parameters, gradients and activations on the GPU
+        (one device, no ``comm``): ``forward``/``backward`` copy NumPy arrays in and out, and
+        ``params``/``grads`` are read-only host copies. Raises :class:`pyswitch.DeviceError`
+        where CUDA is not available (see :func:`pyswitch.cuda.is_available`).
 
     Attributes
     ----------
@@ -297,6 +329,7 @@ class DenseFFN:
         where = "DenseFFN"
         self.dtype = _as_str(where, "dtype", dtype, _DTYPES)
         self.activation = _as_str(where, "activation", activation, _ACTIVATIONS)
+        self.device = _as_device(where, device)
         options = _core.DenseFFNOptions(
             activation=self.activation,
             use_bias=bool(use_bias),
@@ -304,17 +337,26 @@ class DenseFFN:
             dtype=self.dtype,
             init_scale=_as_factor(where, "init_scale", init_scale, allow_none=False),
             seed=_as_seed(where, seed),
-            device=_as_str(where, "device", device, _DEVICES),
+            device=self.device,
         )
         self._impl = _core.DenseFFN(
             _as_int(where, "d_model", d_model), _as_int(where, "d_ff", d_ff), options
         )
-        self.grads = dict(self._impl.tensors(True))
+        self._live_grads = dict(self._impl.tensors(True)) if self.device == "cpu" else None
 
     @property
     def params(self) -> dict:
-        """Live float32 views of the master parameters, made on each access."""
+        """Live float32 views of the master parameters, made on each access (read-only host
+        copies on cuda)."""
         return dict(self._impl.tensors(False))
+
+    @property
+    def grads(self) -> dict:
+        """Live float32 views of the gradients, overwritten by each backward (read-only host
+        copies of the current gradients on cuda)."""
+        if self._live_grads is not None:
+            return self._live_grads
+        return dict(self._impl.tensors(True))
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer: x (T, d_model) float32 or bfloat16 -> y of the same shape and dtype."""

@@ -17,8 +17,7 @@ import dataclasses
 import numpy as np
 
 from . import _core
-from .layers import _DEVICES
-from .routing import _as_factor, _as_str
+from .routing import _as_device, _as_factor
 from .runtime import _as_int, _as_seed
 
 
@@ -128,7 +127,7 @@ class SwitchLM:
             rope_base=_as_factor(where, "rope_base", c.rope_base, allow_none=False),
             norm_eps=_as_factor(where, "norm_eps", c.norm_eps, allow_none=False),
             seed=_as_seed(where, c.seed),
-            device=_as_str(where, "device", device, _DEVICES),
+            device=_as_device(where, device),
         )
         self._impl = _core.SwitchLM(config, comm_impl)
         self.grads = {}

@@ -36,6 +36,19 @@ def _as_str(where: str, name: str, value, choices) -> str:
     return value
 
 
+_DEVICES = ("cpu", "cuda")
+
+
+def _as_device(where: str, device) -> str:
+    """A checked device name; "cuda" also loads the CUDA backend (DeviceError where it cannot)."""
+    name = _as_str(where, "device", device, _DEVICES)
+    if name == "cuda":
+        from . import cuda
+
+        cuda.require(where)
+    return name
+
+
 def _as_group_size(where: str, value):
     return None if value is None else _as_int(where, "group_size", value)
 
@@ -85,6 +98,7 @@ def route(
     priority: str = "position",
     capacity_rounding: str = "floor",
     normalize_gates: bool = False,
+    device: str = "cpu",
 ) -> RoutingPlan:
     """Route T tokens to E experts (tokens choose experts).
 
@@ -111,6 +125,11 @@ def route(
     capacity_rounding : {"floor", "ceil"}
     normalize_gates : bool
         Divide the k gates of a token by their sum (before dropping); needs ``k > 1``.
+    device : {"cpu", "cuda"}
+        Where the per-token pass runs. "cuda" gives the same plan as "cpu", bit for bit
+        (docs/cuda.md); NumPy logits are copied to the GPU, and a float32 CUDA array exporting
+        DLPack (torch, CuPy) is routed in place. :class:`pyswitch.DeviceError` where CUDA is not
+        available.
 
     Returns
     -------
@@ -140,7 +159,7 @@ def route(
         capacity_rounding,
         normalize_gates,
     )
-    return _core.route(logits, options)
+    return _core.route(logits, options, _as_device("route", device))
 
 
 def route_expert_choice(

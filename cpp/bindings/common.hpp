@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "dlpack.hpp"
 #include "pyswitch/bf16.hpp"
 #include "pyswitch/build_info.hpp"
 #include "pyswitch/comm/local.hpp"
@@ -27,6 +28,7 @@
 #include "pyswitch/moe/router.hpp"
 #include "pyswitch/moe/switch_layer.hpp"
 #include "pyswitch/optim/optim.hpp"
+#include "pyswitch/table_buffer.hpp"
 #include "pyswitch/threading.hpp"
 
 namespace py = pybind11;
@@ -253,6 +255,22 @@ inline DType parse_dtype(const std::string& where, const std::string& name) {
 }
 
 // forward(x) of a layer with a d_model: checks x, runs with the GIL released, returns y.
+// Runs step(in, out) with `count` elements of host input and output. A layer on a device takes
+// device pointers: its input is copied over and its output back here, at the edge.
+template <typename Step>
+void on_layer_device(Device device, DType dtype, int64_t count, const void* in, void* out,
+                     Step&& step) {
+  if (device == Device::cpu) {
+    step(in, out);
+    return;
+  }
+  const BackendOps& ops = backend(device);
+  TableBuffer in_dev(ops, dtype, count), out_dev(ops, dtype, count);
+  in_dev.upload(in);
+  step(in_dev.data(), out_dev.data());
+  out_dev.download(out);
+}
+
 template <typename Wrapper>
 inline py::array layer_forward(const char* where, Wrapper& w, py::handle x_obj, bool training) {
   py::array x = as_contiguous(where, "x", x_obj);
@@ -265,7 +283,11 @@ inline py::array layer_forward(const char* where, Wrapper& w, py::handle x_obj, 
   const void* in = x.data();
   void* out = y.mutable_data();
   const int64_t T = x.shape(0);
-  locked_without_gil(w.mutex, [&] { w.layer.forward(in, dtype, T, training, out); });
+  locked_without_gil(w.mutex, [&] {
+    on_layer_device(
+        w.layer.device(), dtype, T * w.layer.d_model(), in, out,
+        [&](const void* x_dev, void* y_dev) { w.layer.forward(x_dev, dtype, T, training, y_dev); });
+  });
   return y;
 }
 
@@ -293,15 +315,65 @@ inline py::array layer_backward(const char* where, Wrapper& w, py::handle dy_obj
                                            w.layer.forward_tokens(), ", ", w.layer.d_model(),
                                            ") like the forward's output, got ", dy_shape));
     }
-    w.layer.backward(in, out);
+    on_layer_device(w.layer.device(), dtype, rows * cols, in, out,
+                    [&](const void* dy_dev, void* dx_dev) { w.layer.backward(dy_dev, dx_dev); });
   });
   return dx;
 }
 
-// A live float32 view of a layer's parameter or gradient (null pointer: None).
-inline py::object live_view(py::handle owner, float* data, std::vector<int64_t> shape) {
+// The device-array path: forward/backward on CUDA arrays borrowed through DLPack (dlpack.hpp),
+// with no copy. `out` is written in place.
+template <typename Wrapper>
+inline void layer_step_on_device(const char* where, Wrapper& w, py::handle in_obj,
+                                 py::handle out_obj, bool backward, bool training) {
+  PYSWITCH_CHECK_ARG(w.layer.device() != Device::cpu, where,
+                     ": device arrays need a device='cuda' layer; this one runs on the cpu (use ",
+                     backward ? "backward(dy)" : "forward(x)", " with NumPy arrays)");
+  const char* in_name = backward ? "dy" : "x";
+  const char* out_name = backward ? "dx" : "y";
+  const BorrowedDeviceArray in = borrow_cuda_array(where, in_name, in_obj);
+  const BorrowedDeviceArray out = borrow_cuda_array(where, out_name, out_obj);
+  const int64_t d = w.layer.d_model();
+  if (in.shape.size() != 2 || in.shape[1] != d || out.shape != in.shape) {
+    throw InvalidArgument(detail::concat(where, ": ", in_name, " and ", out_name,
+                                         " must both have shape (tokens, ", d, ")"));
+  }
+  if (out.dtype != in.dtype) {
+    throw TypeMismatch(detail::concat(where, ": ", out_name, " must have the dtype of ", in_name,
+                                      " (", dtype_name(in.dtype), "), got ",
+                                      dtype_name(out.dtype)));
+  }
+  const int64_t T = in.shape[0];
+  locked_without_gil(w.mutex, [&] {
+    if (!backward) {
+      w.layer.forward(in.data, in.dtype, T, training, out.data);
+      return;
+    }
+    PYSWITCH_CHECK_STATE(w.layer.has_forward(), where,
+                         ": no forward pass to differentiate; call forward first");
+    if (in.dtype != w.layer.forward_dtype() || T != w.layer.forward_tokens()) {
+      throw InvalidArgument(detail::concat(where, ": dy must be (", w.layer.forward_tokens(), ", ",
+                                           d, ") of ", dtype_name(w.layer.forward_dtype()),
+                                           " like the forward's output"));
+    }
+    w.layer.backward(in.data, out.data);
+  });
+}
+
+// A live float32 view of a layer's parameter or gradient (null pointer: None). A tensor in
+// device memory cannot be viewed from NumPy: it comes back as a read-only host copy.
+inline py::object live_view(py::handle owner, float* data, std::vector<int64_t> shape,
+                            Device device = Device::cpu) {
   if (!data) return py::none();
-  return view_of(std::move(shape), data, owner, true);
+  if (device == Device::cpu) return view_of(std::move(shape), data, owner, true);
+  py::array_t<float> copy(shape);
+  const int64_t n = static_cast<int64_t>(copy.size());
+  if (n > 0) {
+    backend(device).copy(TensorView::contiguous(data, DType::float32, {n}, device),
+                         TensorView::contiguous(copy.mutable_data(), DType::float32, {n}));
+  }
+  copy.attr("flags").attr("writeable") = false;
+  return std::move(copy);
 }
 
 // A live view of a float32 master that has a bf16 compute copy (`weights`, null: none). Its
@@ -312,6 +384,9 @@ inline py::object live_view(py::handle owner, float* data, std::vector<int64_t> 
 inline py::object master_view(py::handle owner, moe::ExpertWeights* weights, float* data,
                               std::vector<int64_t> shape) {
   if (!data) return py::none();
+  if (weights != nullptr && weights->device() != Device::cpu) {
+    return live_view(owner, data, std::move(shape), weights->device());
+  }
   if (weights == nullptr || !weights->has_compute_copy()) {
     return live_view(owner, data, std::move(shape));
   }
@@ -338,18 +413,19 @@ inline void add_expert_tensors(py::dict& out, py::handle owner, moe::ExpertWeigh
     full.insert(full.end(), tail);
     return full;
   };
+  const Device device = w.device();
   if (grads) {
-    out["w_in"] = live_view(owner, w.w_in_grad(), shape({d, f}));
-    out["w_out"] = live_view(owner, w.w_out_grad(), shape({f, d}));
-    if (w.w_gate_grad()) out["w_gate"] = live_view(owner, w.w_gate_grad(), shape({d, f}));
+    out["w_in"] = live_view(owner, w.w_in_grad(), shape({d, f}), device);
+    out["w_out"] = live_view(owner, w.w_out_grad(), shape({f, d}), device);
+    if (w.w_gate_grad()) out["w_gate"] = live_view(owner, w.w_gate_grad(), shape({d, f}), device);
   } else {
     out["w_in"] = master_view(owner, &w, w.w_in(), shape({d, f}));
     out["w_out"] = master_view(owner, &w, w.w_out(), shape({f, d}));
     if (w.w_gate()) out["w_gate"] = master_view(owner, &w, w.w_gate(), shape({d, f}));
   }
   if (w.b_in()) {
-    out["b_in"] = live_view(owner, grads ? w.b_in_grad() : w.b_in(), shape({f}));
-    out["b_out"] = live_view(owner, grads ? w.b_out_grad() : w.b_out(), shape({d}));
+    out["b_in"] = live_view(owner, grads ? w.b_in_grad() : w.b_in(), shape({f}), device);
+    out["b_out"] = live_view(owner, grads ? w.b_out_grad() : w.b_out(), shape({d}), device);
   }
 }
 

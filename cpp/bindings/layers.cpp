@@ -65,8 +65,8 @@ void bind_layers(py::module_& m) {
              moe::SwitchFFN& l = self.cast<PySwitchFFN&>().layer;
              const int64_t E = l.num_experts(), d = l.d_model();
              py::dict out;
-             out["router"] =
-                 live_view(self, grads ? l.router_weight_grad() : l.router_weight(), {d, E});
+             out["router"] = live_view(self, grads ? l.router_weight_grad() : l.router_weight(),
+                                       {d, E}, l.device());
              add_expert_tensors(out, self, l.weights(), grads, {l.local_experts()}, d, l.d_ff());
              return out;
            })
@@ -76,6 +76,18 @@ void bind_layers(py::module_& m) {
            })
       .def("backward", [](PySwitchFFN& w,
                           py::handle dy) { return layer_backward("SwitchFFN.backward", w, dy); })
+      .def(
+          "forward_into",
+          [](PySwitchFFN& w, py::handle x, py::handle y, bool training) {
+            layer_step_on_device("SwitchFFN.forward_into", w, x, y, false, training);
+          },
+          py::arg("x"), py::arg("y"), py::arg("training") = false)
+      .def(
+          "backward_into",
+          [](PySwitchFFN& w, py::handle dy, py::handle dx) {
+            layer_step_on_device("SwitchFFN.backward_into", w, dy, dx, true, false);
+          },
+          py::arg("dy"), py::arg("dx"))
       .def_property_readonly("aux_loss",
                              [](PySwitchFFN& w) {
                                return locked_without_gil(w.mutex, [&] {
@@ -130,6 +142,18 @@ void bind_layers(py::module_& m) {
            })
       .def("backward",
            [](PyDenseFFN& w, py::handle dy) { return layer_backward("DenseFFN.backward", w, dy); })
+      .def(
+          "forward_into",
+          [](PyDenseFFN& w, py::handle x, py::handle y, bool training) {
+            layer_step_on_device("DenseFFN.forward_into", w, x, y, false, training);
+          },
+          py::arg("x"), py::arg("y"), py::arg("training") = false)
+      .def(
+          "backward_into",
+          [](PyDenseFFN& w, py::handle dy, py::handle dx) {
+            layer_step_on_device("DenseFFN.backward_into", w, dy, dx, true, false);
+          },
+          py::arg("dy"), py::arg("dx"))
       .def_property_readonly("_copy_refreshes", [](PyDenseFFN& w) {
         return locked_without_gil(w.mutex, [&] { return w.layer.weights().copy_refreshes(); });
       });

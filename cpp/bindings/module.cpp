@@ -74,6 +74,22 @@ PYBIND11_MODULE(_core, m) {
     for (CpuIsa isa : supported_cpu_isas()) out.emplace_back(cpu_isa_name(isa));
     return out;
   });
+  // pyswitch.cuda hands the CUDA module's op table over here, so the layers and route() of this
+  // module (which has its own registry) find it.
+  m.def("_install_backend", [](py::capsule table) {
+    PYSWITCH_CHECK_ARG(std::string(table.name() ? table.name() : "") == "pyswitch.BackendOps",
+                       "_install_backend: expected a pyswitch.BackendOps capsule, got '",
+                       table.name() ? table.name() : "", "'");
+    register_backend(*static_cast<const BackendOps*>(table.get_pointer()));
+  });
+  m.def("_has_backend", [](const std::string& device) {
+    try {
+      (void)backend(parse_device("_has_backend", device));
+      return true;
+    } catch (const DeviceError&) {
+      return false;
+    }
+  });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);
   m.def("set_thread_share", &set_thread_share, py::arg("n"));

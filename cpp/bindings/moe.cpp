@@ -48,15 +48,37 @@ void bind_moe(py::module_& m) {
 
   m.def(
       "route",
-      [](py::handle logits_obj, const moe::RouteOptions& options) {
+      [](py::handle logits_obj, const moe::RouteOptions& options, const std::string& device_name) {
+        const Device device = parse_device("route", device_name);
+        if (device != Device::cpu && py::hasattr(logits_obj, "__dlpack__") &&
+            !py::isinstance<py::array>(logits_obj)) {
+          // The device-array path: logits already on the GPU are routed in place.
+          const BorrowedDeviceArray logits = borrow_cuda_array("route", "logits", logits_obj);
+          if (logits.dtype != DType::float32 || logits.shape.size() != 2) {
+            throw TypeMismatch("route: device logits must be 2-D float32 (tokens, experts)");
+          }
+          const TensorView view = TensorView::contiguous(
+              logits.data, DType::float32, {logits.shape[0], logits.shape[1]}, device);
+          py::gil_scoped_release release;
+          moe::RoutingPlan plan;
+          backend(device).route(view, options, plan);
+          return plan;
+        }
         py::array logits = float32_array("route", "logits", logits_obj);
         require_ndim("route", "logits", logits, 2, "(tokens, experts)");
         const float* data = static_cast<const float*>(logits.data());
         const int64_t T = logits.shape(0), E = logits.shape(1);
         py::gil_scoped_release release;
-        return moe::route(data, T, E, options);
+        if (device == Device::cpu) return moe::route(data, T, E, options);
+        // On a device the logits are copied over and the plan (a host structure) comes back.
+        const BackendOps& ops = backend(device);
+        TableBuffer on_device(ops, DType::float32, T * E);
+        on_device.upload(data);
+        moe::RoutingPlan plan;
+        ops.route(on_device.view({T, E}), options, plan);
+        return plan;
       },
-      py::arg("logits"), py::arg("options"));
+      py::arg("logits"), py::arg("options"), py::arg("device") = "cpu");
 
   py::class_<moe::ExpertChoicePlan>(m, "ExpertChoicePlan")
       .def_readonly("num_tokens", &moe::ExpertChoicePlan::num_tokens)
@@ -125,7 +147,10 @@ void bind_moe(py::module_& m) {
                                const std::vector<float> logits = locked_without_gil(r.mutex, [&] {
                                  PYSWITCH_CHECK_STATE(r.router.has_forward(),
                                                       "Router.last_logits: no forward pass yet");
-                                 return r.router.last_logits();
+                                 const TableBuffer& buffer = r.router.last_logits();
+                                 std::vector<float> host(static_cast<size_t>(buffer.size()));
+                                 buffer.download(host.data());
+                                 return host;
                                });
                                const int64_t E = r.router.num_experts();
                                py::array_t<float> out({static_cast<int64_t>(logits.size()) / E, E});

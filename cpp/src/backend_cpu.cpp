@@ -12,6 +12,7 @@
 #include <string>
 #include <utility>
 
+#include "backend_views.hpp"
 #include "gemm.hpp"
 #include "parallel.hpp"
 #include "pyswitch/backend.hpp"
@@ -22,58 +23,18 @@
 namespace pyswitch {
 namespace {
 
-std::string shape_text(const TensorView& v) {
-  std::string out = "(";
-  for (int i = 0; i < v.ndim && i < kMaxTensorDims; ++i) {
-    if (i) out += ", ";
-    out += std::to_string(v.shape[i]);
-  }
-  return out + (v.ndim == 1 ? ",)" : ")");
-}
-
-// Checks one view of an op: on the CPU, C-contiguous, of an allowed dtype, and of the expected
-// shape (-1 matches any extent). The single place the CPU table validates buffers.
+// The CPU table's view checks (backend_views.hpp, shared with the other tables).
 void require(const char* op, const char* arg, const TensorView& v,
              std::initializer_list<DType> dtypes, std::initializer_list<int64_t> shape) {
-  PYSWITCH_CHECK_ARG(v.device == Device::cpu, op, ": ", arg, " must be on the cpu, got ",
-                     device_name(v.device));
-  PYSWITCH_CHECK_ARG(v.is_valid() && v.ndim == static_cast<int>(shape.size()), op, ": ", arg,
-                     " must be ", shape.size(), "-D, got ", v.ndim, "-D");
-  int i = 0;
-  for (int64_t extent : shape) {
-    PYSWITCH_CHECK_ARG(v.shape[i] >= 0 && (extent < 0 || v.shape[i] == extent), op, ": ", arg,
-                       " has shape ", shape_text(v), "; dimension ", i, " must be ", extent);
-    ++i;
-  }
-  bool dtype_ok = false;
-  for (DType d : dtypes) dtype_ok = dtype_ok || v.dtype == d;
-  PYSWITCH_CHECK_ARG(dtype_ok, op, ": ", arg, " has an unsupported dtype ", dtype_name(v.dtype));
-  PYSWITCH_CHECK_ARG(v.is_contiguous(), op, ": ", arg, " must be C-contiguous");
-  PYSWITCH_CHECK_ARG(v.data != nullptr || v.numel() == 0, op, ": ", arg, " has no data");
+  detail::require_view(Device::cpu, op, arg, v, dtypes, shape);
 }
-
-// A flat operand: only its element count matters (elementwise ops and optimizer updates take
-// any shape).
 void require_flat(const char* op, const char* arg, const TensorView& v,
                   std::initializer_list<DType> dtypes, int64_t numel) {
-  TensorView flat = v;
-  flat.ndim = 1;
-  flat.shape[0] = v.numel();
-  flat.strides[0] = 1;
-  PYSWITCH_CHECK_ARG(v.is_valid() && v.is_contiguous(), op, ": ", arg,
-                     " must be C-contiguous with at most ", kMaxTensorDims, " dimensions");
-  require(op, arg, flat, dtypes, {numel});
+  detail::require_flat_view(Device::cpu, op, arg, v, dtypes, numel);
 }
-
-constexpr std::initializer_list<DType> kFloat32 = {DType::float32};
-constexpr std::initializer_list<DType> kCompute = {DType::float32, DType::bfloat16};
-
-void require_same_dtype(const char* op, const char* a_name, const TensorView& a, const char* b_name,
-                        const TensorView& b) {
-  PYSWITCH_CHECK_ARG(a.dtype == b.dtype, op, ": ", a_name, " and ", b_name,
-                     " must share a dtype, got ", dtype_name(a.dtype), " and ",
-                     dtype_name(b.dtype));
-}
+using detail::require_same_dtype;
+constexpr std::initializer_list<DType> kFloat32 = detail::kFloat32Only;
+constexpr std::initializer_list<DType> kCompute = detail::kComputeTypes;
 
 void* cpu_allocate(int64_t bytes) {
   PYSWITCH_CHECK_ARG(bytes >= 0, "allocate: bytes must be >= 0, got ", bytes);
@@ -236,16 +197,7 @@ void cpu_experts_backward(const moe::ExpertShape& shape, const moe::ExpertParams
 
 void cpu_gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans_b,
               const TensorView& c, float alpha, float beta) {
-  require("gemm", "a", a, kCompute, {-1, -1});
-  require("gemm", "b", b, kCompute, {-1, -1});
-  require_same_dtype("gemm", "a", a, "b", b);
-  const int64_t M = trans_a ? a.shape[1] : a.shape[0];
-  const int64_t K = trans_a ? a.shape[0] : a.shape[1];
-  const int64_t N = trans_b ? b.shape[0] : b.shape[1];
-  PYSWITCH_CHECK_ARG((trans_b ? b.shape[1] : b.shape[0]) == K, "gemm: op(a) is (", M, ", ", K,
-                     ") but op(b) has ", trans_b ? b.shape[1] : b.shape[0], " rows");
-  require("gemm", "c", c, kFloat32, {M, N});
-  PYSWITCH_CHECK_ARG(beta == 0.0f || beta == 1.0f, "gemm: beta must be 0 or 1, got ", beta);
+  const auto [M, N, K] = detail::require_gemm(Device::cpu, a, trans_a, b, trans_b, c, beta);
   detail::gemm(a.dtype, trans_a, trans_b, M, N, K, alpha, a.data, a.shape[1], b.data, b.shape[1],
                beta, c.as<float>(), N);
 }
@@ -281,7 +233,7 @@ std::pair<int64_t, int64_t> attention_sizes(const char* op, const TensorView& qk
   require(op, "qkv", qkv, kFloat32, {-1, -1});
   PYSWITCH_CHECK_ARG(
       batch >= 1 && heads >= 1 && qkv.shape[0] % batch == 0 && qkv.shape[1] % (3 * heads) == 0, op,
-      ": qkv of shape ", shape_text(qkv), " does not split into batch ", batch,
+      ": qkv of shape ", detail::view_shape_text(qkv), " does not split into batch ", batch,
       " and 3 * heads = ", 3 * heads);
   return {qkv.shape[0] / batch, qkv.shape[1] / (3 * heads)};
 }
@@ -511,11 +463,13 @@ Device parse_device(const std::string& where, const std::string& name) {
 const BackendOps& layer_backend(const char* where, Device device) {
   if (device == Device::cpu) return cpu_backend();
   const BackendOps* table = cuda_table().load();
-  throw DeviceError(detail::concat(
-      where, ": device 'cuda' is not available: ",
-      table == nullptr ? "this build has no CUDA backend loaded (build_info()['cuda'] is False)"
-                       : "the layers of this version run on the cpu only",
-      "; use device='cpu'"));
+  if (table == nullptr) {
+    throw DeviceError(detail::concat(
+        where,
+        ": device 'cuda' is not available: no CUDA backend is loaded (pyswitch.cuda."
+        "is_available() is False: no CUDA build, no driver or no GPU); use device='cpu'"));
+  }
+  return *table;
 }
 
 int backend_op_count() {

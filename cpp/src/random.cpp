@@ -10,31 +10,9 @@
 namespace pyswitch {
 namespace {
 
-inline void mulhilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
-  const uint64_t product = static_cast<uint64_t>(a) * b;
-  *hi = static_cast<uint32_t>(product >> 32);
-  *lo = static_cast<uint32_t>(product);
-}
-
 constexpr int64_t kBlock = 1 << 14;
 
 }  // namespace
-
-void philox4x32(uint64_t seed, uint64_t stream, uint64_t index, uint32_t out[4]) {
-  uint32_t c[4] = {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
-                   static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)};
-  uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo(0xD2511F53u, c[0], &hi0, &lo0);
-    mulhilo(0xCD9E8D57u, c[2], &hi1, &lo1);
-    const uint32_t next[4] = {hi1 ^ c[1] ^ key[0], lo1, hi0 ^ c[3] ^ key[1], lo0};
-    for (int i = 0; i < 4; ++i) c[i] = next[i];
-    key[0] += 0x9E3779B9u;
-    key[1] += 0xBB67AE85u;
-  }
-  for (int i = 0; i < 4; ++i) out[i] = c[i];
-}
 
 void truncated_normal(float* out, int64_t n, double std, uint64_t seed, uint64_t stream,
                       int64_t first_index) {

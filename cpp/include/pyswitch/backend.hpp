@@ -159,8 +159,8 @@ const BackendOps* register_backend(const BackendOps& table);
 Device parse_device(const std::string& where, const std::string& name);
 
 /// The table a layer or model constructed for `device` runs on. Device::cpu: the CPU table.
-/// Device::cuda: throws DeviceError naming `where`, both where no CUDA backend is loaded and
-/// (in this version) where one is, since the layers do not yet keep their state on a device.
+/// Device::cuda: the registered CUDA table; throws DeviceError naming `where` where none is
+/// loaded.
 const BackendOps& layer_backend(const char* where, Device device);
 
 /// The op names of BackendOps in declaration order, and whether `table` has each one: what

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "pyswitch/detail/host_device.hpp"
+
 namespace pyswitch {
 
 /// bfloat16 as 16 raw bits: the top half of a float32. Trivially copyable, 2 bytes, no
@@ -16,10 +18,11 @@ struct bf16 {
 };
 static_assert(sizeof(bf16) == 2, "bf16 must be 2 bytes");
 
-/// float32 -> bfloat16, round to nearest even. Thread-safe, constexpr-free scalar reference.
-inline bf16 float_to_bf16(float value) {
+/// float32 -> bfloat16, round to nearest even. Thread-safe scalar reference, also the device
+/// conversion of the CUDA backend (PYSWITCH_HD).
+PYSWITCH_HD inline bf16 float_to_bf16(float value) {
   uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
+  memcpy(&bits, &value, sizeof bits);
   if ((bits & 0x7fffffffu) > 0x7f800000u) {
     return bf16{static_cast<uint16_t>(((bits >> 16) & 0x8000u) | 0x7fc0u)};
   }
@@ -30,10 +33,10 @@ inline bf16 float_to_bf16(float value) {
 }
 
 /// bfloat16 -> float32, exact.
-inline float bf16_to_float(bf16 value) {
+PYSWITCH_HD inline float bf16_to_float(bf16 value) {
   const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
   float out;
-  std::memcpy(&out, &bits, sizeof out);
+  memcpy(&out, &bits, sizeof out);
   return out;
 }
 

@@ -67,8 +67,24 @@ struct SwitchLM::Block {
   std::vector<float> h_in, a, a_inv, qkv, probs, attn, h_mid, f, f_inv, ffn_out;
 };
 
+namespace {
+
+// The model keeps its own weights and activations in host vectors, so it runs on the CPU only
+// for now; its FFN layers run on cuda alone (SwitchFFN / DenseFFN).
+const BackendOps& model_backend(Device device) {
+  const BackendOps& table = layer_backend("SwitchLM", device);
+  if (table.device != Device::cpu) {
+    throw DeviceError(
+        "SwitchLM: device 'cuda' is not supported by the model in this version (SwitchFFN and "
+        "DenseFFN run on cuda alone); use device='cpu'");
+  }
+  return table;
+}
+
+}  // namespace
+
 SwitchLM::SwitchLM(const SwitchLMConfig& c, comm::Communicator* comm)
-    : config_((validate(c, comm), c)), comm_(comm), ops_(&layer_backend("SwitchLM", c.device)) {
+    : config_((validate(c, comm), c)), comm_(comm), ops_(&model_backend(c.device)) {
   const int64_t d = c.d_model, V = c.vocab_size;
   auto init = [&](std::vector<float>& w, int64_t n, int64_t fan_in, uint64_t stream) {
     w.resize(static_cast<size_t>(n));

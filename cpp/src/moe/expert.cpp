@@ -7,7 +7,9 @@
 
 #include "gemm.hpp"
 #include "parallel.hpp"
+#include "pyswitch/backend.hpp"
 #include "pyswitch/error.hpp"
+#include "pyswitch/moe/activation_math.hpp"
 #include "pyswitch/random.hpp"
 
 namespace pyswitch::moe {
@@ -18,24 +20,15 @@ namespace {
 // a typical layer (E = 64, ~160 tokens each) one unit.
 constexpr int64_t kRowBlock = 512;
 
-constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kGeluA = 0.044715f;
+using activation_math::gelu;
+using activation_math::gelu_grad;
 
-inline float gelu(float x) {
-  return 0.5f * x * (1.0f + std::tanh(kGeluC * (x + kGeluA * x * x * x)));
-}
-inline float gelu_grad(float x) {
-  const float inner = kGeluC * (x + kGeluA * x * x * x);
-  const float th = std::tanh(inner);
-  return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * kGeluA * x * x);
-}
-
-// The dropout multiplier of hidden element `index`: 0 or 1 / (1 - rate).
+// The dropout multiplier of hidden element `index`: 0 or 1 / (1 - rate) (activation_math.hpp,
+// shared with the CUDA kernels).
 inline float dropout_scale(const DropoutSpec& spec, int64_t index) {
-  uint32_t words[4];
-  philox4x32(spec.seed, spec.stream, static_cast<uint64_t>(index) / 4, words);
-  const float u = uniform_from_bits(words[index % 4]);
-  return u < static_cast<float>(spec.rate) ? 0.0f : static_cast<float>(1.0 / (1.0 - spec.rate));
+  return activation_math::dropout_multiplier(spec.seed, spec.stream, index,
+                                             static_cast<float>(spec.rate),
+                                             static_cast<float>(1.0 / (1.0 - spec.rate)));
 }
 
 // (expert, first row, rows) units: every expert's rows cut into fixed blocks.
@@ -50,22 +43,6 @@ std::vector<Unit> row_units(const int64_t* offsets, int64_t E, int64_t block) {
     }
   }
   return units;
-}
-
-void validate(const char* where, const ExpertShape& s, const ExpertParams& p,
-              const int64_t* offsets) {
-  PYSWITCH_CHECK_ARG(s.num_experts >= 1 && s.d_model >= 1 && s.d_ff >= 1, where,
-                     ": num_experts, d_model and d_ff must be >= 1, got ", s.num_experts, ", ",
-                     s.d_model, ", ", s.d_ff);
-  PYSWITCH_CHECK_ARG(p.w_in && p.w_out, where, ": w_in and w_out are required");
-  PYSWITCH_CHECK_ARG((s.activation == Activation::geglu) == (p.w_gate != nullptr), where,
-                     ": w_gate must be given exactly when the activation is geglu");
-  PYSWITCH_CHECK_ARG(offsets[0] == 0, where, ": offsets[0] must be 0, got ", offsets[0]);
-  for (int64_t e = 0; e < s.num_experts; ++e) {
-    PYSWITCH_CHECK_ARG(offsets[e + 1] >= offsets[e], where,
-                       ": offsets must be non-decreasing, got offsets[", e, "]=", offsets[e],
-                       " > offsets[", e + 1, "]=", offsets[e + 1]);
-  }
 }
 
 // Element pointer arithmetic on a buffer of either dtype.
@@ -95,39 +72,49 @@ void round_weights(const float* src, int64_t n, std::vector<bf16>& out) {
 }  // namespace
 
 ExpertWeights::ExpertWeights(const ExpertShape& s, bool use_bias, double init_scale, uint64_t seed,
-                             int64_t first_expert) {
+                             int64_t first_expert, const BackendOps& ops)
+    : ops_(&ops) {
   PYSWITCH_CHECK_ARG(std::isfinite(init_scale) && init_scale > 0,
                      "init_scale must be finite and > 0, got ", init_scale);
   const int64_t E = s.num_experts, d = s.d_model, f = s.d_ff;
-  auto init = [&](std::vector<float>& out, int64_t n, int64_t fan_in, uint64_t stream) {
-    out.resize(static_cast<size_t>(n));
-    truncated_normal(out.data(), n, std::sqrt(init_scale / static_cast<double>(fan_in)), seed,
-                     kStreamInit + stream, first_expert * d * f);
+  auto init = [&](TableBuffer& out, int64_t n, int64_t fan_in, uint64_t stream) {
+    out = TableBuffer(ops, DType::float32, n);
+    const double std_dev = std::sqrt(init_scale / static_cast<double>(fan_in));
+    if (ops.device == Device::cpu) {
+      truncated_normal(out.as<float>(), n, std_dev, seed, kStreamInit + stream,
+                       first_expert * d * f);
+      return;
+    }
+    // Drawn on the host (the same values on every device), then copied over.
+    std::vector<float> host(static_cast<size_t>(n));
+    truncated_normal(host.data(), n, std_dev, seed, kStreamInit + stream, first_expert * d * f);
+    out.upload(host.data());
   };
   init(w_in_, E * d * f, d, 1);
   init(w_out_, E * f * d, f, 2);
   if (s.activation == Activation::geglu) init(w_gate_, E * d * f, d, 3);
   if (use_bias) {
-    b_in_.assign(static_cast<size_t>(E * f), 0.0f);
-    b_out_.assign(static_cast<size_t>(E * d), 0.0f);
+    b_in_ = TableBuffer(ops, DType::float32, E * f);
+    b_out_ = TableBuffer(ops, DType::float32, E * d);
   }
-  g_w_in_.assign(w_in_.size(), 0.0f);
-  g_w_out_.assign(w_out_.size(), 0.0f);
-  g_w_gate_.assign(w_gate_.size(), 0.0f);
-  g_b_in_.assign(b_in_.size(), 0.0f);
-  g_b_out_.assign(b_out_.size(), 0.0f);
+  g_w_in_ = TableBuffer(ops, DType::float32, w_in_.size());
+  g_w_out_ = TableBuffer(ops, DType::float32, w_out_.size());
+  if (!w_gate_.empty()) g_w_gate_ = TableBuffer(ops, DType::float32, w_gate_.size());
+  if (use_bias) {
+    g_b_in_ = TableBuffer(ops, DType::float32, b_in_.size());
+    g_b_out_ = TableBuffer(ops, DType::float32, b_out_.size());
+  }
 }
 
 ExpertParams ExpertWeights::params() const {
-  return {w_in_.data(), w_gate_.empty() ? nullptr : w_gate_.data(), w_out_.data(),
-          b_in_.empty() ? nullptr : b_in_.data(), b_out_.empty() ? nullptr : b_out_.data()};
+  return {w_in(), w_gate(), w_out(), b_in(), b_out()};
 }
 
 void ExpertWeights::enable_compute_copy() {
   if (has_compute_copy()) return;
-  w_in_bf16_.resize(w_in_.size());
-  w_out_bf16_.resize(w_out_.size());
-  w_gate_bf16_.resize(w_gate_.size());
+  w_in_bf16_ = TableBuffer(*ops_, DType::bfloat16, w_in_.size());
+  w_out_bf16_ = TableBuffer(*ops_, DType::bfloat16, w_out_.size());
+  if (!w_gate_.empty()) w_gate_bf16_ = TableBuffer(*ops_, DType::bfloat16, w_gate_.size());
   mark_params_changed();
 }
 
@@ -137,22 +124,39 @@ ExpertParams ExpertWeights::compute_params(DType dtype) {
   // Clear the flag before reading the masters: a mark made while rounding survives.
   const bool stale = stale_.exchange(false, std::memory_order_relaxed);
   if (stale || live_views() > 0) {
-    convert_f32_to_bf16(w_in_.data(), w_in_bf16_.data(), static_cast<int64_t>(w_in_.size()));
-    convert_f32_to_bf16(w_out_.data(), w_out_bf16_.data(), static_cast<int64_t>(w_out_.size()));
-    if (!w_gate_.empty()) {
-      convert_f32_to_bf16(w_gate_.data(), w_gate_bf16_.data(),
-                          static_cast<int64_t>(w_gate_.size()));
-    }
+    auto round = [&](const TableBuffer& master, const TableBuffer& copy) {
+      if (!master.empty()) ops_->convert(master.view({master.size()}), copy.view({copy.size()}));
+    };
+    round(w_in_, w_in_bf16_);
+    round(w_out_, w_out_bf16_);
+    round(w_gate_, w_gate_bf16_);
     ++refreshes_;
   }
-  p.w_in_bf16 = w_in_bf16_.data();
-  p.w_out_bf16 = w_out_bf16_.data();
-  p.w_gate_bf16 = w_gate_bf16_.empty() ? nullptr : w_gate_bf16_.data();
+  p.w_in_bf16 = w_in_bf16();
+  p.w_out_bf16 = w_out_bf16();
+  p.w_gate_bf16 = w_gate_bf16();
   return p;
 }
 
 ExpertGrads ExpertWeights::grads() {
   return {w_in_grad(), w_gate_grad(), w_out_grad(), b_in_grad(), b_out_grad()};
+}
+
+void validate_experts(const char* where, const ExpertShape& s, const ExpertParams& p,
+                      const int64_t* offsets) {
+  PYSWITCH_CHECK_ARG(offsets != nullptr, where, ": offsets must not be null");
+  PYSWITCH_CHECK_ARG(s.num_experts >= 1 && s.d_model >= 1 && s.d_ff >= 1, where,
+                     ": num_experts, d_model and d_ff must be >= 1, got ", s.num_experts, ", ",
+                     s.d_model, ", ", s.d_ff);
+  PYSWITCH_CHECK_ARG(p.w_in && p.w_out, where, ": w_in and w_out are required");
+  PYSWITCH_CHECK_ARG((s.activation == Activation::geglu) == (p.w_gate != nullptr), where,
+                     ": w_gate must be given exactly when the activation is geglu");
+  PYSWITCH_CHECK_ARG(offsets[0] == 0, where, ": offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t e = 0; e < s.num_experts; ++e) {
+    PYSWITCH_CHECK_ARG(offsets[e + 1] >= offsets[e], where,
+                       ": offsets must be non-decreasing, got offsets[", e, "]=", offsets[e],
+                       " > offsets[", e + 1, "]=", offsets[e + 1]);
+  }
 }
 
 Activation parse_activation(const std::string& name) {
@@ -165,7 +169,7 @@ Activation parse_activation(const std::string& name) {
 void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
                      DType dtype, const void* x, void* y, ExpertCache* cache,
                      const DropoutSpec& dropout) {
-  validate("experts_forward", s, p, offsets);
+  validate_experts("experts_forward", s, p, offsets);
   check_floating(dtype, "experts_forward");
   PYSWITCH_CHECK_ARG(dropout.rate >= 0.0 && dropout.rate < 1.0,
                      "experts_forward: dropout rate must be in [0, 1), got ", dropout.rate);
@@ -258,7 +262,7 @@ void experts_forward(const ExpertShape& s, const ExpertParams& p, const int64_t*
 void experts_backward(const ExpertShape& s, const ExpertParams& p, const int64_t* offsets,
                       const void* x, ExpertCache& c, const void* dy, void* dx,
                       const ExpertGrads& g) {
-  validate("experts_backward", s, p, offsets);
+  validate_experts("experts_backward", s, p, offsets);
   PYSWITCH_CHECK_ARG(g.w_in != nullptr && g.w_out != nullptr &&
                          (g.w_gate != nullptr) == (p.w_gate != nullptr) &&
                          (g.b_in != nullptr) == (p.b_in != nullptr) &&

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "cpu/kernels.hpp"
+#include "moe/route_internal.hpp"
 #include "parallel.hpp"
 #include "pyswitch/backend.hpp"
 #include "pyswitch/bf16.hpp"
@@ -18,12 +19,13 @@
 namespace pyswitch::moe {
 namespace {
 
-// Rows per unit of parallel work; a unit never crosses a group boundary.
-constexpr int64_t kRowBlock = 256;
-
 std::string shape_text(int64_t rows, int64_t cols) {
   return detail::concat("(", rows, ", ", cols, ")");
 }
+
+}  // namespace
+
+namespace route_detail {
 
 void validate_route(const char* where, int64_t T, int64_t E, const RouteOptions& o) {
   PYSWITCH_CHECK_ARG(T >= 1, where, ": logits must have at least one token row, got shape ",
@@ -52,8 +54,7 @@ void validate_route(const char* where, int64_t T, int64_t E, const RouteOptions&
       ": normalize_gates=True needs k > 1 (with k=1 every gate would be 1), got k=1");
 }
 
-[[noreturn]] void throw_nonfinite(const char* where, const float* logits, int64_t E, int64_t row) {
-  const float* values = logits + row * E;
+void throw_nonfinite_row(const char* where, const float* values, int64_t E, int64_t row) {
   int64_t column = 0;
   while (column < E && std::isfinite(values[column])) ++column;
   throw InvalidArgument(detail::concat(where, ": logits row ", row, " is not finite (column ",
@@ -61,7 +62,7 @@ void validate_route(const char* where, int64_t T, int64_t E, const RouteOptions&
                                        "); router logits must be finite"));
 }
 
-}  // namespace
+}  // namespace route_detail
 
 Priority parse_priority(const std::string& name) {
   if (name == "position") return Priority::position;
@@ -88,11 +89,11 @@ int64_t expert_capacity(int64_t S, int64_t E, int64_t k, double capacity_factor,
 }
 
 void check_logits_finite(const char* where, const float* logits, int64_t T, int64_t E) {
-  const int64_t blocks = detail::ceil_div(T, kRowBlock);
+  const int64_t blocks = detail::ceil_div(T, route_detail::kRouteRowBlock);
   std::vector<int64_t> first_bad(static_cast<size_t>(blocks), -1);
   detail::parallel_for(blocks, [&](int64_t b) {
-    const int64_t end = std::min(T, (b + 1) * kRowBlock);
-    for (int64_t r = b * kRowBlock; r < end; ++r) {
+    const int64_t end = std::min(T, (b + 1) * route_detail::kRouteRowBlock);
+    for (int64_t r = b * route_detail::kRouteRowBlock; r < end; ++r) {
       for (int64_t j = 0; j < E; ++j) {
         if (!std::isfinite(logits[r * E + j])) {
           first_bad[static_cast<size_t>(b)] = r;
@@ -102,12 +103,13 @@ void check_logits_finite(const char* where, const float* logits, int64_t T, int6
     }
   });
   for (int64_t bad : first_bad) {
-    if (bad >= 0) throw_nonfinite(where, logits, E, bad);
+    if (bad >= 0) route_detail::throw_nonfinite_row(where, logits + bad * E, E, bad);
   }
 }
 
-RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions& o) {
-  validate_route("route", T, E, o);
+namespace route_detail {
+
+RoutingPlan start_plan(int64_t T, int64_t E, const RouteOptions& o) {
   const int64_t k = o.k;
   const int64_t S = o.group_size > 0 ? o.group_size : T;
   const int64_t G = T / S;
@@ -125,39 +127,34 @@ RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions&
   plan.tokens_per_expert.assign(static_cast<size_t>(E), 0);
   plan.group_expert_count.assign(static_cast<size_t>(G * E), 0);
 
-  const bool batch_prioritized = o.priority == Priority::batch_prioritized;
-  std::vector<float> top1(batch_prioritized ? static_cast<size_t>(T) : 0);
+  return plan;
+}
 
-  // Pass 1: per row top-k, gates, and per-unit sums of probabilities and z.
-  const int64_t units_per_group = detail::ceil_div(S, kRowBlock);
-  const int64_t units = G * units_per_group;
-  std::vector<double> unit_prob(static_cast<size_t>(units * E), 0.0);
-  std::vector<double> unit_z(static_cast<size_t>(units), 0.0);
-  std::vector<int64_t> unit_bad(static_cast<size_t>(units), -1);
-  const cpu::KernelTable& kernels = cpu::active_kernels();
-  detail::parallel_for(units, [&](int64_t u) {
+std::vector<double> unit_z_from_rows(const std::vector<float>& row_max,
+                                     const std::vector<double>& row_sum, int64_t S, int64_t G) {
+  const int64_t units_per_group = detail::ceil_div(S, kRouteRowBlock);
+  std::vector<double> unit_z(static_cast<size_t>(G * units_per_group), 0.0);
+  detail::parallel_for(G * units_per_group, [&](int64_t u) {
     const int64_t g = u / units_per_group;
-    const int64_t first = g * S + (u % units_per_group) * kRowBlock;
-    const int64_t rows = std::min(kRowBlock, (g + 1) * S - first);
-    std::vector<float> scratch(static_cast<size_t>(2 * E + 32));
-    cpu::RouteRowsArgs args;
-    args.logits = logits + first * E;
-    args.rows = rows;
-    args.num_experts = E;
-    args.k = k;
-    args.expert_index = plan.expert_index.data() + first * k;
-    args.gate = plan.gate.data() + first * k;
-    args.top1_prob = batch_prioritized ? top1.data() + first : nullptr;
-    args.prob_sum = unit_prob.data() + u * E;
-    args.z_sum = unit_z.data() + u;
-    args.scratch = scratch.data();
-    kernels.route_rows(args);
-    if (args.first_bad_row >= 0) unit_bad[static_cast<size_t>(u)] = first + args.first_bad_row;
+    const int64_t first = g * S + (u % units_per_group) * kRouteRowBlock;
+    const int64_t last = std::min(first + kRouteRowBlock, (g + 1) * S);
+    double z = 0;
+    for (int64_t r = first; r < last; ++r) {
+      const double lse = static_cast<double>(row_max[static_cast<size_t>(r)]) +
+                         std::log(row_sum[static_cast<size_t>(r)]);
+      z += lse * lse;
+    }
+    unit_z[static_cast<size_t>(u)] = z;
   });
-  for (int64_t bad : unit_bad) {  // units are in row order, so this is the first bad row
-    if (bad >= 0) throw_nonfinite("route", logits, E, bad);
-  }
+  return unit_z;
+}
 
+void finish_route(RoutingPlan& plan, const RouteOptions& o, const std::vector<float>& top1,
+                  const std::vector<double>& unit_prob, const std::vector<double>& unit_z) {
+  const int64_t T = plan.num_tokens, E = plan.num_experts, k = plan.k;
+  const int64_t S = plan.group_size, G = plan.num_groups;
+  const int64_t units_per_group = detail::ceil_div(S, kRouteRowBlock);
+  const bool batch_prioritized = o.priority == Priority::batch_prioritized;
   // Group by group, so that expert parallelism (one group per rank) adds the same partial sums.
   double z_total = 0;
   for (int64_t g = 0; g < G; ++g) {
@@ -245,14 +242,56 @@ RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions&
   plan.aux_sum = aux;
   plan.loss_groups = G;
   plan.aux_loss = aux / static_cast<double>(G);
+}
+
+}  // namespace route_detail
+
+RoutingPlan route(const float* logits, int64_t T, int64_t E, const RouteOptions& o) {
+  route_detail::validate_route("route", T, E, o);
+  RoutingPlan plan = route_detail::start_plan(T, E, o);
+  const int64_t k = o.k, S = plan.group_size, G = plan.num_groups;
+  const bool batch_prioritized = o.priority == Priority::batch_prioritized;
+  std::vector<float> top1(batch_prioritized ? static_cast<size_t>(T) : 0);
+
+  // Pass 1: per row top-k, gates, and per-unit sums of probabilities and z.
+  const int64_t units_per_group = detail::ceil_div(S, route_detail::kRouteRowBlock);
+  const int64_t units = G * units_per_group;
+  std::vector<double> unit_prob(static_cast<size_t>(units * E), 0.0);
+  std::vector<double> unit_z(static_cast<size_t>(units), 0.0);
+  std::vector<int64_t> unit_bad(static_cast<size_t>(units), -1);
+  const cpu::KernelTable& kernels = cpu::active_kernels();
+  detail::parallel_for(units, [&](int64_t u) {
+    const int64_t g = u / units_per_group;
+    const int64_t first = g * S + (u % units_per_group) * route_detail::kRouteRowBlock;
+    const int64_t rows = std::min(route_detail::kRouteRowBlock, (g + 1) * S - first);
+    std::vector<float> scratch(static_cast<size_t>(2 * E + 32));
+    cpu::RouteRowsArgs args;
+    args.logits = logits + first * E;
+    args.rows = rows;
+    args.num_experts = E;
+    args.k = k;
+    args.expert_index = plan.expert_index.data() + first * k;
+    args.gate = plan.gate.data() + first * k;
+    args.top1_prob = batch_prioritized ? top1.data() + first : nullptr;
+    args.prob_sum = unit_prob.data() + u * E;
+    args.z_sum = unit_z.data() + u;
+    args.scratch = scratch.data();
+    kernels.route_rows(args);
+    if (args.first_bad_row >= 0) unit_bad[static_cast<size_t>(u)] = first + args.first_bad_row;
+  });
+  for (int64_t bad : unit_bad) {  // units are in row order, so this is the first bad row
+    if (bad >= 0) route_detail::throw_nonfinite_row("route", logits + bad * E, E, bad);
+  }
+
+  route_detail::finish_route(plan, o, top1, unit_prob, unit_z);
   return plan;
 }
 
 void softmax_rows(const float* logits, int64_t T, int64_t E, float* probs) {
   const cpu::KernelTable& kernels = cpu::active_kernels();
-  detail::parallel_for(detail::ceil_div(T, kRowBlock), [&](int64_t b) {
-    const int64_t first = b * kRowBlock;
-    const int64_t rows = std::min(kRowBlock, T - first);
+  detail::parallel_for(detail::ceil_div(T, route_detail::kRouteRowBlock), [&](int64_t b) {
+    const int64_t first = b * route_detail::kRouteRowBlock;
+    const int64_t rows = std::min(route_detail::kRouteRowBlock, T - first);
     std::vector<float> scratch(static_cast<size_t>(E + 32));
     kernels.softmax_rows(logits + first * E, rows, E, probs + first * E, scratch.data());
   });
@@ -267,9 +306,9 @@ void route_backward(const float* logits, const RoutingPlan& plan, const float* d
   const int64_t G = plan.loss_groups > 0 ? plan.loss_groups : plan.num_groups;
   const int64_t loss_tokens = plan.loss_tokens > 0 ? plan.loss_tokens : T;
   const cpu::KernelTable& kernels = cpu::active_kernels();
-  detail::parallel_for(detail::ceil_div(T, kRowBlock), [&](int64_t b) {
-    const int64_t first = b * kRowBlock;
-    const int64_t rows = std::min(kRowBlock, T - first);
+  detail::parallel_for(detail::ceil_div(T, route_detail::kRouteRowBlock), [&](int64_t b) {
+    const int64_t first = b * route_detail::kRouteRowBlock;
+    const int64_t rows = std::min(route_detail::kRouteRowBlock, T - first);
     std::vector<float> probs(static_cast<size_t>(rows * E));
     std::vector<float> scratch(static_cast<size_t>(E + 32));
     std::vector<double> d_prob(static_cast<size_t>(E));
@@ -330,8 +369,12 @@ void route_backward(const float* logits, const RoutingPlan& plan, const float* d
 // ---------------------------------------------------------------------------------------------
 // The Router layer.
 
-Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& options)
-    : d_model_(d_model), num_experts_(num_experts), options_(options), ops_(&cpu_backend()) {
+Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& options,
+               const BackendOps* ops)
+    : d_model_(d_model),
+      num_experts_(num_experts),
+      options_(options),
+      ops_(ops != nullptr ? ops : &cpu_backend()) {
   PYSWITCH_CHECK_ARG(d_model >= 1, "Router: d_model must be >= 1, got ", d_model);
   PYSWITCH_CHECK_ARG(num_experts >= 1, "Router: num_experts must be >= 1, got ", num_experts);
   PYSWITCH_CHECK_ARG(d_model <= (int64_t{1} << 31) && num_experts <= (int64_t{1} << 31) &&
@@ -341,7 +384,7 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
   // Validate routing options once with a stand-in T that every group size divides.
   RouteOptions check = options.route;
   const int64_t stand_in_tokens = check.group_size > 0 ? check.group_size : 1;
-  validate_route("Router", stand_in_tokens, num_experts, check);
+  route_detail::validate_route("Router", stand_in_tokens, num_experts, check);
   if (options.eval_capacity_factor) {
     check.capacity_factor = options.eval_capacity_factor;
     PYSWITCH_CHECK_ARG(
@@ -353,11 +396,16 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
                      "Router: jitter_eps must be in [0, 1), got ", options.jitter_eps);
   PYSWITCH_CHECK_ARG(std::isfinite(options.init_scale) && options.init_scale > 0,
                      "Router: init_scale must be finite and > 0, got ", options.init_scale);
-  weight_.resize(static_cast<size_t>(d_model * num_experts));
-  weight_grad_.assign(weight_.size(), 0.0f);
-  truncated_normal(weight_.data(), static_cast<int64_t>(weight_.size()),
-                   std::sqrt(options.init_scale / static_cast<double>(d_model)), options.seed,
-                   kStreamInit + 0);
+  const int64_t n = d_model * num_experts;
+  std::vector<float> init(static_cast<size_t>(n));
+  truncated_normal(init.data(), n, std::sqrt(options.init_scale / static_cast<double>(d_model)),
+                   options.seed, kStreamInit + 0);
+  weight_ = TableBuffer(*ops_, DType::float32, n);
+  weight_.upload(init.data());
+  weight_grad_ = TableBuffer(*ops_, DType::float32, n);
+  for (TableBuffer* scratch : {&x_used_, &jitter_, &logits_, &d_logits_, &dx_f32_}) {
+    *scratch = TableBuffer(*ops_, DType::float32, 0);
+  }
 }
 
 const RoutingPlan& Router::forward(const void* x, DType dtype, int64_t T, bool training) {
@@ -378,12 +426,6 @@ void Router::set_global_losses(int64_t groups, int64_t tokens, double aux_sum, d
   plan_.z_loss = z_sum / static_cast<double>(tokens);
 }
 
-namespace {
-TensorView f32_view(const float* data, int64_t rows, int64_t cols) {
-  return TensorView::contiguous(data, DType::float32, {rows, cols});
-}
-}  // namespace
-
 const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, bool training,
                                          int64_t first_token) {
   PYSWITCH_CHECK_ARG(T >= 0 && first_token >= 0, "Router.forward: token counts must be >= 0, got ",
@@ -391,14 +433,22 @@ const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, 
   check_floating(dtype, "Router.forward", "x dtype");
   const int64_t n = T * d_model_;
   has_forward_ = false;
-  x_used_.resize(static_cast<size_t>(n));
+  x_used_.resize(n);
   jitter_active_ = training && options_.jitter_eps > 0;
   if (jitter_active_) {
-    jitter_.resize(static_cast<size_t>(n));
+    jitter_.resize(n);
     const float eps = static_cast<float>(options_.jitter_eps);
     // The step counter advances on every rank, tokens or not, so that ranks stay in step.
-    uniform(jitter_.data(), n, 1.0f - eps, 1.0f + eps, options_.seed,
-            kStreamJitter + training_steps_++, first_token * d_model_);
+    const uint64_t stream = kStreamJitter + training_steps_++;
+    if (jitter_.device() == Device::cpu) {
+      uniform(jitter_.as<float>(), n, 1.0f - eps, 1.0f + eps, options_.seed, stream,
+              first_token * d_model_);
+    } else {
+      std::vector<float> host(static_cast<size_t>(n));
+      uniform(host.data(), n, 1.0f - eps, 1.0f + eps, options_.seed, stream,
+              first_token * d_model_);
+      jitter_.upload(host.data());
+    }
   }
   if (T == 0) {
     const RouteOptions& o = options_.route;
@@ -408,19 +458,18 @@ const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, 
     plan_.group_size = o.group_size;
     plan_.normalize_gates = o.normalize_gates;
     plan_.tokens_per_expert.assign(static_cast<size_t>(num_experts_), 0);
-    logits_.clear();
+    logits_.resize(0);
     x_dtype_ = dtype;
     has_forward_ = true;
     return plan_;
   }
   // The float32 router input (selective precision), times the jitter.
-  const TensorView x_used = f32_view(x_used_.data(), T, d_model_);
-  ops_->convert(TensorView::contiguous(x, dtype, {T, d_model_}), x_used);
-  if (jitter_active_) ops_->multiply(x_used, f32_view(jitter_.data(), T, d_model_));
-  logits_.resize(static_cast<size_t>(T * num_experts_));
-  const TensorView logits = f32_view(logits_.data(), T, num_experts_);
-  ops_->gemm(f32_view(x_used_.data(), T, d_model_), false,
-             f32_view(weight_.data(), d_model_, num_experts_), false, logits, 1.0f, 0.0f);
+  const TensorView x_used = x_used_.view({T, d_model_});
+  ops_->convert(TensorView::contiguous(x, dtype, {T, d_model_}, ops_->device), x_used);
+  if (jitter_active_) ops_->multiply(x_used, jitter_.view({T, d_model_}));
+  logits_.resize(T * num_experts_);
+  const TensorView logits = logits_.view({T, num_experts_});
+  ops_->gemm(x_used, false, weight_.view({d_model_, num_experts_}), false, logits, 1.0f, 0.0f);
   RouteOptions route_options = options_.route;
   if (!training) route_options.capacity_factor = options_.eval_capacity_factor;
   ops_->route(logits, route_options, plan_);
@@ -435,29 +484,30 @@ void Router::backward(const float* d_gate, double aux_coef, double z_coef, void*
                        "forward(x) first");
   const int64_t T = plan_.num_tokens, E = num_experts_, d = d_model_;
   if (T == 0) {  // an expert-parallel rank without tokens: its share of the gradient is zero
-    std::fill(weight_grad_.begin(), weight_grad_.end(), 0.0f);
+    weight_grad_.fill_zero();
     return;
   }
-  std::vector<float> d_logits(static_cast<size_t>(T * E));
-  const TensorView d_logits_view = f32_view(d_logits.data(), T, E);
-  ops_->route_backward(f32_view(logits_.data(), T, E), plan_, f32_view(d_gate, T, plan_.k),
+  const Device device = ops_->device;
+  d_logits_.resize(T * E);
+  const TensorView d_logits_view = d_logits_.view({T, E});
+  ops_->route_backward(logits_.view({T, E}), plan_,
+                       TensorView::contiguous(d_gate, DType::float32, {T, plan_.k}, device),
                        aux_coef, z_coef, d_logits_view);
-  ops_->gemm(f32_view(x_used_.data(), T, d), true, d_logits_view, false,
-             f32_view(weight_grad_.data(), d, E), 1.0f, 0.0f);
-  std::vector<float> dx_f32;
-  float* dx_out = static_cast<float*>(dx);
+  ops_->gemm(x_used_.view({T, d}), true, d_logits_view, false, weight_grad_.view({d, E}), 1.0f,
+             0.0f);
+  void* dx_out = dx;
   if (x_dtype_ == DType::bfloat16) {
-    dx_f32.resize(static_cast<size_t>(T * d));
-    dx_out = dx_f32.data();
+    dx_f32_.resize(T * d);
+    dx_out = dx_f32_.data();
   }
   // dx = d_logits W^T, then times the jitter (the forward scaled x by it). The table's GEMM
   // gives each row the same bits however many rows share the call, which expert parallelism
   // relies on (its ranks hold different row counts).
-  const TensorView dx_view = f32_view(dx_out, T, d);
-  ops_->gemm(d_logits_view, false, f32_view(weight_.data(), d, E), true, dx_view, 1.0f, 0.0f);
-  if (jitter_active_) ops_->multiply(dx_view, f32_view(jitter_.data(), T, d));
+  const TensorView dx_view = TensorView::contiguous(dx_out, DType::float32, {T, d}, device);
+  ops_->gemm(d_logits_view, false, weight_.view({d, E}), true, dx_view, 1.0f, 0.0f);
+  if (jitter_active_) ops_->multiply(dx_view, jitter_.view({T, d}));
   if (x_dtype_ == DType::bfloat16) {
-    ops_->convert(dx_view, TensorView::contiguous(dx, DType::bfloat16, {T, d}));
+    ops_->convert(dx_view, TensorView::contiguous(dx, DType::bfloat16, {T, d}, device));
   }
 }
 

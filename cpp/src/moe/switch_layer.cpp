@@ -100,12 +100,18 @@ SwitchFFN::SwitchFFN(int64_t d_model, int64_t d_ff, int64_t num_experts,
       options_(options),
       comm_(comm),
       first_expert_(comm ? comm->rank() * shape_.num_experts : 0),
-      router_(d_model, num_experts, options.router),
+      router_(d_model, num_experts, options.router, ops_),
       weights_(shape_, options.use_bias, options.router.init_scale, options.router.seed,
-               first_expert_),
+               first_expert_, *ops_),
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "SwitchFFN", "options.dtype");
   check_dropout("SwitchFFN", "expert_dropout", options.expert_dropout);
+  if (ops_->device != Device::cpu && comm_ != nullptr) {
+    throw DeviceError(
+        "SwitchFFN: expert parallelism on cuda needs a device communicator (NCCL), which this "
+        "version does not have; construct the cuda layer without a communicator, or use "
+        "device='cpu'");
+  }
   if (options.dtype == DType::bfloat16) weights_.enable_compute_copy();
   PYSWITCH_CHECK_ARG(std::isfinite(options.aux_loss_coef) && std::isfinite(options.z_loss_coef),
                      "SwitchFFN: aux_loss_coef and z_loss_coef must be finite, got ",
@@ -140,7 +146,7 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
     layout_ = make_dispatch_layout(*plan, /*packed=*/true);
 
     // Tokens in the compute dtype, gathered into the packed expert buffer.
-    const TensorView x_in = TensorView::contiguous(x, x_dtype, {T, d});
+    const TensorView x_in = TensorView::contiguous(x, x_dtype, {T, d}, ops_->device);
     TensorView x_c = x_in;
     if (x_dtype != c) {
       x_c = rows_of(kTokens, T);
@@ -163,8 +169,8 @@ void SwitchFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, 
       forward_experts(dropout);
     }
 
-    const TensorView gate = TensorView::contiguous(plan->gate.data(), DType::float32, {T, plan->k});
-    const TensorView y_out = TensorView::contiguous(y, x_dtype, {T, d});
+    const TensorView gate = gate_view(*plan);
+    const TensorView y_out = TensorView::contiguous(y, x_dtype, {T, d}, ops_->device);
     if (x_dtype == c) {
       ops_->combine(expert_out, layout_, gate, y_out);
     } else {
@@ -221,6 +227,16 @@ TensorView SwitchFFN::rows_of(Slot slot, int64_t count) {
   return workspace_.matrix(slot, options_.dtype, count, shape_.d_model);
 }
 
+TensorView SwitchFFN::gate_view(const RoutingPlan& plan) {
+  const int64_t T = plan.num_tokens, k = plan.k;
+  const TensorView host = TensorView::contiguous(plan.gate.data(), DType::float32, {T, k});
+  if (ops_->device == Device::cpu) return host;
+  // The plan is a host structure; a device layer copies the gates over once per pass.
+  const TensorView on_device = workspace_.matrix(kGate, DType::float32, T, k);
+  if (T * k > 0) ops_->copy(host, on_device);
+  return on_device;
+}
+
 void SwitchFFN::forward_experts(DropoutSpec dropout) {
   exchange_counts();
   const DType c = options_.dtype;
@@ -263,7 +279,7 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     const int64_t T = tokens_, d = shape_.d_model, k = router_.options().route.k;
     const DType c = options_.dtype;
     const RoutingPlan& plan = router_.forward_plan();
-    const TensorView dy_in = TensorView::contiguous(dy, x_dtype_, {T, d});
+    const TensorView dy_in = TensorView::contiguous(dy, x_dtype_, {T, d}, ops_->device);
     TensorView dy_c = dy_in;
     if (x_dtype_ != c) {
       dy_c = rows_of(kTokens, T);
@@ -273,9 +289,8 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     const TensorView buffer = rows_of(kBuffer, rows);
     const TensorView d_expert_out = rows_of(kDExpertOut, rows);
     const TensorView d_gate = workspace_.matrix(kDGate, DType::float32, T, k);
-    ops_->combine_backward(dy_c, rows_of(kExpertOut, rows), layout_,
-                           TensorView::contiguous(plan.gate.data(), DType::float32, {T, k}),
-                           d_expert_out, d_gate);
+    ops_->combine_backward(dy_c, rows_of(kExpertOut, rows), layout_, gate_view(plan), d_expert_out,
+                           d_gate);
     const TensorView d_buffer = rows_of(kDBuffer, rows);
     if (!comm_) {
       ops_->experts_backward(shape_, weights_.params(), layout_.expert_offset.data(), buffer,
@@ -290,7 +305,7 @@ void SwitchFFN::backward(const void* dy, void* dx) {
     const TensorView dx_router = workspace_.matrix(kDxRouter, x_dtype_, T, d);
     router_.backward(d_gate.as<const float>(), options_.aux_loss_coef, options_.z_loss_coef,
                      dx_router.data);
-    ops_->add(dx_experts, dx_router, TensorView::contiguous(dx, x_dtype_, {T, d}));
+    ops_->add(dx_experts, dx_router, TensorView::contiguous(dx, x_dtype_, {T, d}, ops_->device));
   });
 }
 
@@ -301,9 +316,10 @@ SwitchStats SwitchFFN::stats() const {
   const int64_t T = p.num_tokens, E = p.num_experts;
   if (T == 0) return s;  // an expert-parallel rank without tokens
   s.drop_fraction = static_cast<double>(p.dropped) / static_cast<double>(p.num_tokens * p.k);
+  TableBuffer probs_buffer(*ops_, DType::float32, T * E);
+  ops_->softmax_rows(router_.last_logits().view({T, E}), probs_buffer.view({T, E}));
   std::vector<float> probs(static_cast<size_t>(T * E));
-  ops_->softmax_rows(TensorView::contiguous(router_.last_logits().data(), DType::float32, {T, E}),
-                     TensorView::contiguous(probs.data(), DType::float32, {T, E}));
+  probs_buffer.download(probs.data());
   double entropy = 0;
   for (float pi : probs) {
     if (pi > 0) entropy -= static_cast<double>(pi) * std::log(static_cast<double>(pi));
@@ -320,7 +336,7 @@ DenseFFN::DenseFFN(int64_t d_model, int64_t d_ff, const DenseFFNOptions& options
       shape_{1, d_model, d_ff, options.activation},
       options_(options),
       weights_((check_sizes("DenseFFN", d_model, d_ff, 1), shape_), options.use_bias,
-               options.init_scale, options.seed),
+               options.init_scale, options.seed, 0, *ops_),
       workspace_(*ops_, kSlotCount) {
   check_floating(options.dtype, "DenseFFN", "options.dtype");
   check_dropout("DenseFFN", "dropout", options.dropout);
@@ -338,7 +354,7 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
   const int64_t d = shape_.d_model;
   const DType c = options_.dtype;
   const TensorView x_c = rows_of(kX, T);
-  ops_->convert(TensorView::contiguous(x, x_dtype, {T, d}), x_c);
+  ops_->convert(TensorView::contiguous(x, x_dtype, {T, d}, ops_->device), x_c);
   const int64_t offsets[2] = {0, T};
   DropoutSpec dropout;
   if (training && options_.dropout > 0) {
@@ -346,7 +362,7 @@ void DenseFFN::forward(const void* x, DType x_dtype, int64_t T, bool training, v
   }
   const TensorView y_c = rows_of(kY, T);
   ops_->experts_forward(shape_, weights_.compute_params(c), offsets, x_c, y_c, &cache_, dropout);
-  ops_->convert(y_c, TensorView::contiguous(y, x_dtype, {T, d}));
+  ops_->convert(y_c, TensorView::contiguous(y, x_dtype, {T, d}, ops_->device));
   x_dtype_ = x_dtype;
   tokens_ = T;
   has_forward_ = true;
@@ -359,11 +375,11 @@ void DenseFFN::backward(const void* dy, void* dx) {
   const int64_t T = tokens_, d = shape_.d_model;
   const TensorView dy_c = rows_of(kDy, T);
   const TensorView dx_c = rows_of(kDx, T);
-  ops_->convert(TensorView::contiguous(dy, x_dtype_, {T, d}), dy_c);
+  ops_->convert(TensorView::contiguous(dy, x_dtype_, {T, d}, ops_->device), dy_c);
   const int64_t offsets[2] = {0, T};
   ops_->experts_backward(shape_, weights_.params(), offsets, rows_of(kX, T), cache_, dy_c, dx_c,
                          weights_.grads());
-  ops_->convert(dx_c, TensorView::contiguous(dx, x_dtype_, {T, d}));
+  ops_->convert(dx_c, TensorView::contiguous(dx, x_dtype_, {T, d}, ops_->device));
 }
 
 }  // namespace pyswitch::moe

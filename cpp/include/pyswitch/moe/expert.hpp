@@ -9,11 +9,18 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "pyswitch/bf16.hpp"
+#include "pyswitch/table_buffer.hpp"
 #include "pyswitch/tensor.hpp"
+
+namespace pyswitch {
+struct BackendOps;
+const BackendOps& cpu_backend();
+}  // namespace pyswitch
 
 namespace pyswitch::moe {
 
@@ -86,39 +93,43 @@ struct ExpertGrads {
 /// Without a copy (float32 layers) all of this is a no-op and bf16 forwards round as before.
 class ExpertWeights {
  public:
-  /// Throws InvalidArgument for init_scale that is not finite and positive.
+  /// Throws InvalidArgument for init_scale that is not finite and positive. The tensors live
+  /// in `ops`'s memory (device memory for a CUDA table: the pointers below are then device
+  /// pointers); the initial values are the same on every device.
   ExpertWeights(const ExpertShape& shape, bool use_bias, double init_scale, uint64_t seed,
-                int64_t first_expert = 0);
+                int64_t first_expert = 0, const BackendOps& ops = cpu_backend());
   ExpertWeights(const ExpertWeights&) = delete;
   ExpertWeights& operator=(const ExpertWeights&) = delete;
 
   /// Writable masters: each call marks the bf16 compute copy stale (see the class comment).
   float* w_in() {
     mark_params_changed();
-    return w_in_.data();
+    return w_in_.as<float>();
   }
   float* w_gate() {
     mark_params_changed();
-    return w_gate_.empty() ? nullptr : w_gate_.data();
+    return w_gate_.as<float>();
   }
   float* w_out() {
     mark_params_changed();
-    return w_out_.data();
+    return w_out_.as<float>();
   }
   /// Read-only masters: never mark the copy stale.
-  const float* w_in() const { return w_in_.data(); }
-  const float* w_gate() const { return w_gate_.empty() ? nullptr : w_gate_.data(); }
-  const float* w_out() const { return w_out_.data(); }
+  const float* w_in() const { return w_in_.as<float>(); }
+  const float* w_gate() const { return w_gate_.as<float>(); }
+  const float* w_out() const { return w_out_.as<float>(); }
   /// Biases stay float32 in every compute dtype (no copy to keep in step).
-  float* b_in() { return b_in_.empty() ? nullptr : b_in_.data(); }
-  float* b_out() { return b_out_.empty() ? nullptr : b_out_.data(); }
-  const float* b_in() const { return b_in_.empty() ? nullptr : b_in_.data(); }
-  const float* b_out() const { return b_out_.empty() ? nullptr : b_out_.data(); }
-  float* w_in_grad() { return g_w_in_.data(); }
-  float* w_gate_grad() { return g_w_gate_.empty() ? nullptr : g_w_gate_.data(); }
-  float* w_out_grad() { return g_w_out_.data(); }
-  float* b_in_grad() { return g_b_in_.empty() ? nullptr : g_b_in_.data(); }
-  float* b_out_grad() { return g_b_out_.empty() ? nullptr : g_b_out_.data(); }
+  float* b_in() { return b_in_.as<float>(); }
+  float* b_out() { return b_out_.as<float>(); }
+  const float* b_in() const { return b_in_.as<float>(); }
+  const float* b_out() const { return b_out_.as<float>(); }
+  float* w_in_grad() { return g_w_in_.as<float>(); }
+  float* w_gate_grad() { return g_w_gate_.as<float>(); }
+  float* w_out_grad() { return g_w_out_.as<float>(); }
+  float* b_in_grad() { return g_b_in_.as<float>(); }
+  float* b_out_grad() { return g_b_out_.as<float>(); }
+  /// Where the tensors live (the table's device).
+  Device device() const { return w_in_.device(); }
   /// The float32 masters (the bf16 pointers are null).
   ExpertParams params() const;
   ExpertGrads grads();
@@ -130,9 +141,9 @@ class ExpertWeights {
   /// The bf16 copy, writable, for an optimizer that updates master and copy together: it must
   /// store float_to_bf16(master) into every element it updates. Null without a copy (and for
   /// w_gate without geglu). Handing these out does not mark anything stale.
-  bf16* w_in_bf16() { return w_in_bf16_.empty() ? nullptr : w_in_bf16_.data(); }
-  bf16* w_gate_bf16() { return w_gate_bf16_.empty() ? nullptr : w_gate_bf16_.data(); }
-  bf16* w_out_bf16() { return w_out_bf16_.empty() ? nullptr : w_out_bf16_.data(); }
+  bf16* w_in_bf16() { return w_in_bf16_.as<bf16>(); }
+  bf16* w_gate_bf16() { return w_gate_bf16_.as<bf16>(); }
+  bf16* w_out_bf16() { return w_out_bf16_.as<bf16>(); }
 
   /// Declares that the masters were (or may have been) written through a pointer kept from
   /// earlier: the next forward re-rounds the bf16 copy. Cheap; call it when in doubt.
@@ -157,9 +168,10 @@ class ExpertWeights {
   int64_t copy_refreshes() const { return refreshes_; }
 
  private:
-  std::vector<float> w_in_, w_gate_, w_out_, b_in_, b_out_;
-  std::vector<float> g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
-  std::vector<bf16> w_in_bf16_, w_gate_bf16_, w_out_bf16_;
+  const BackendOps* ops_;
+  TableBuffer w_in_, w_gate_, w_out_, b_in_, b_out_;
+  TableBuffer g_w_in_, g_w_gate_, g_w_out_, g_b_in_, g_b_out_;
+  TableBuffer w_in_bf16_, w_gate_bf16_, w_out_bf16_;
   std::atomic<bool> stale_{true};
   std::atomic<int64_t> live_views_{0};
   int64_t refreshes_ = 0;
@@ -191,10 +203,18 @@ struct ExpertCache {
   const bf16* w_in_used = nullptr;
   const bf16* w_gate_used = nullptr;
   const bf16* w_out_used = nullptr;
+  /// A device backend's own saved activations (opaque; released with the cache).
+  std::shared_ptr<void> device_state;
   /// Backward workspace, kept between steps so that its pages are touched once, not per step.
   std::vector<float> d_pre, d_linear;
   std::vector<bf16> d_pre_bf16, d_linear_bf16;
 };
+
+/// The argument checks of experts_forward / experts_backward (every backend runs them):
+/// InvalidArgument naming `where` for sizes < 1, missing w_in / w_out, w_gate present exactly
+/// for geglu, offsets null, not starting at 0, or decreasing.
+void validate_experts(const char* where, const ExpertShape& shape, const ExpertParams& params,
+                      const int64_t* offsets);
 
 /// x (rows, d_model) -> y (rows, d_model), both of `dtype` (float32 or bfloat16), rows =
 /// offsets[E]. offsets: (E + 1,) non-decreasing from 0. cache may be null (inference; dropout is

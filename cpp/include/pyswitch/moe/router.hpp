@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "pyswitch/table_buffer.hpp"
 #include "pyswitch/tensor.hpp"
 
 namespace pyswitch {
@@ -127,16 +128,19 @@ class Router {
  public:
   /// Throws InvalidArgument for d_model < 1, E < 1, bad routing options, jitter_eps outside
   /// [0, 1), init_scale <= 0.
-  Router(int64_t d_model, int64_t num_experts, const RouterOptions& options);
+  /// The weights, logits and saved inputs live in `ops`'s memory (null: the CPU table); x, dx
+  /// and d_gate of forward and backward must then be in that memory too.
+  Router(int64_t d_model, int64_t num_experts, const RouterOptions& options,
+         const BackendOps* ops = nullptr);
 
   int64_t d_model() const { return d_model_; }
   int64_t num_experts() const { return num_experts_; }
   const RouterOptions& options() const { return options_; }
 
   /// (d_model, E) float32, live: writes change the router. Owned by the router.
-  float* weight() { return weight_.data(); }
+  float* weight() { return weight_.as<float>(); }
   /// (d_model, E) float32 gradient of the last backward (zeros before).
-  float* weight_grad() { return weight_grad_.data(); }
+  float* weight_grad() { return weight_grad_.as<float>(); }
 
   /// x: (T, d_model), float32 or bfloat16, C-contiguous. Returns the plan, owned by the router
   /// and valid until the next forward. Throws InvalidArgument for T < 1 or an integer dtype.
@@ -159,8 +163,8 @@ class Router {
   /// Writes weight_grad(). Throws Error when no forward preceded it.
   void backward(const float* d_gate, double aux_coef, double z_coef, void* dx);
 
-  /// The logits of the last forward, (T, E) float32.
-  const std::vector<float>& last_logits() const { return logits_; }
+  /// The logits of the last forward, (T, E) float32, in the router's memory.
+  const TableBuffer& last_logits() const { return logits_; }
   bool has_forward() const { return has_forward_; }
   /// The plan of the last forward (valid while has_forward()).
   const RoutingPlan& forward_plan() const { return plan_; }
@@ -174,14 +178,15 @@ class Router {
  private:
   int64_t d_model_, num_experts_;
   RouterOptions options_;
-  // The logits GEMM, routing and its backward go through this table; the jitter and the dx
-  // rows (row-order-independent by construction) are CPU loops here.
+  // Every kernel and buffer goes through this table; the jitter is drawn on the host (the same
+  // numbers on every device) and copied over.
   const BackendOps* ops_;
-  std::vector<float> weight_, weight_grad_;
-  std::vector<float> x_used_;   // (T, d_model): the float32 router input after jitter
-  std::vector<float> jitter_;   // (T, d_model): the last training forward's noise
+  TableBuffer weight_, weight_grad_;
+  TableBuffer x_used_;          // (T, d_model): the float32 router input after jitter
+  TableBuffer jitter_;          // (T, d_model): the last training forward's noise
   bool jitter_active_ = false;  // whether the last forward applied jitter_
-  std::vector<float> logits_;
+  TableBuffer logits_;
+  TableBuffer d_logits_, dx_f32_;  // backward scratch
   RoutingPlan plan_;
   DType x_dtype_ = DType::float32;
   uint64_t training_steps_ = 0;

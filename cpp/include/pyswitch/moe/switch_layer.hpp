@@ -25,7 +25,9 @@ struct SwitchFFNOptions {
   DType dtype = DType::float32;  ///< compute dtype (float32 or bfloat16); parameters stay float32
   double aux_loss_coef = 1e-2;
   double z_loss_coef = 1e-3;
-  Device device = Device::cpu;  ///< where the layer runs (cuda: DeviceError in this version)
+  /// Where the layer runs. cuda (one rank; the CUDA module loaded): parameters, gradients and
+  /// activations live in device memory, and forward/backward take device pointers.
+  Device device = Device::cpu;
 };
 
 /// Routing statistics of the last forward.
@@ -74,6 +76,8 @@ class SwitchFFN {
   int64_t first_expert() const { return first_expert_; }
   const SwitchFFNOptions& options() const { return options_; }
   comm::Communicator* communicator() const { return comm_; }
+  /// Where the layer's state lives and its forward/backward pointers point.
+  Device device() const { return ops_->device; }
 
   float* router_weight() { return router_.weight(); }
   float* router_weight_grad() { return router_.weight_grad(); }
@@ -81,8 +85,8 @@ class SwitchFFN {
   ExpertWeights& weights() { return weights_; }
 
   /// x: (T, d_model) of x_dtype (float32 or bfloat16), T >= 1 (T >= 0 under expert
-  /// parallelism). y: (T, d_model) of x_dtype, written. Uses capacity_factor when training, else
-  /// eval_capacity_factor.
+  /// parallelism). y: (T, d_model) of x_dtype, written. Both in the layer's memory (device
+  /// pointers on cuda). Uses capacity_factor when training, else eval_capacity_factor.
   void forward(const void* x, DType x_dtype, int64_t num_tokens, bool training, void* y);
 
   /// dy: (T, d_model) of the forward's x dtype. dx: the same shape and dtype, written.
@@ -149,11 +153,15 @@ class SwitchFFN {
     kDxExperts,  // (T, d_model) compute dtype
     kDxRouter,   // (T, d_model) in x's dtype
     kDGate,      // (T, k) float32
+    kGate,       // (T, k) float32: the plan's gates on a device layer's device
     kSlotCount
   };
   Workspace workspace_;
   // Slot `slot` as `count` rows of d_model in the compute dtype.
   TensorView rows_of(Slot slot, int64_t count);
+  // The plan's gates (T, k) float32 where the ops can read them: the plan itself on the CPU, a
+  // copy in slot kGate on a device.
+  TensorView gate_view(const RoutingPlan& plan);
   ExpertCache cache_;
   DType x_dtype_ = DType::float32;
   int64_t tokens_ = 0;
@@ -171,7 +179,7 @@ struct DenseFFNOptions {
   DType dtype = DType::float32;  ///< float32 or bfloat16
   double init_scale = 0.1;
   uint64_t seed = 0;
-  Device device = Device::cpu;  ///< as SwitchFFNOptions::device
+  Device device = Device::cpu;  ///< as SwitchFFNOptions::device (cuda: device pointers)
 };
 
 class DenseFFN {
@@ -182,6 +190,7 @@ class DenseFFN {
   int64_t d_ff() const { return shape_.d_ff; }
   /// Parameters and gradients (live), as an ExpertWeights with E = 1.
   ExpertWeights& weights() { return weights_; }
+  Device device() const { return ops_->device; }
 
   /// As SwitchFFN::forward / backward.
   void forward(const void* x, DType x_dtype, int64_t num_tokens, bool training, void* y);

@@ -1,0 +1,14 @@
+# The GPU suite: every test here runs on a CUDA device against the CPU reference, and the whole
+# folder is skipped (cleanly, with the reason) where pyswitch.cuda.is_available() is False.
+import pytest
+
+import pyswitch
+
+
+def pytest_collection_modifyitems(config, items):
+    if pyswitch.cuda.is_available():
+        return
+    reason = "no CUDA device (pyswitch.cuda.is_available() is False)"
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.skip(reason=reason))
