@@ -43,8 +43,23 @@ def matmul(a: np.ndarray, b: np.ndarray, *, library: str = "pyswitch") -> np.nda
     return _core.matmul(a, b, library=library)
 
 
-class _DeviceArrayPath:
-    """forward_into / backward_into, shared by the layers (``self._impl`` is the core layer)."""
+class _FFNLayer:
+    """What SwitchFFN and DenseFFN share: their tensors and the device-array path
+    (``self._impl`` is the core layer, ``self._live_grads`` its gradient views on the cpu)."""
+
+    @property
+    def params(self) -> dict:
+        """Live float32 views of the master parameters, made on each access (read-only host
+        copies on cuda)."""
+        return dict(self._impl.tensors(False))
+
+    @property
+    def grads(self) -> dict:
+        """Live float32 views of the gradients, overwritten by each backward (read-only host
+        copies of the current gradients on cuda)."""
+        if self._live_grads is not None:
+            return self._live_grads
+        return dict(self._impl.tensors(True))
 
     def forward_into(self, x, y, training: bool = False) -> None:
         """The device-array path of a ``device="cuda"`` layer: ``forward`` on CUDA arrays, with
@@ -62,7 +77,7 @@ class _DeviceArrayPath:
         self._impl.backward_into(dy, dx)
 
 
-class SwitchFFN(_DeviceArrayPath):
+class SwitchFFN(_FFNLayer):
     """A Switch Transformer FFN layer: router, dispatch, expert FFNs, combine.
 
     ``y[t] = sum over kept j of gate[t, j] * Expert_{e[t, j]}(x[t])`` with
@@ -199,20 +214,6 @@ class SwitchFFN(_DeviceArrayPath):
         self.first_expert = self._impl.first_expert
         self.local_experts = self._impl.local_experts
 
-    @property
-    def params(self) -> dict:
-        """Live float32 views of the master parameters, made on each access (read-only host
-        copies on cuda)."""
-        return dict(self._impl.tensors(False))
-
-    @property
-    def grads(self) -> dict:
-        """Live float32 views of the gradients, overwritten by each backward (read-only host
-        copies of the current gradients on cuda)."""
-        if self._live_grads is not None:
-            return self._live_grads
-        return dict(self._impl.tensors(True))
-
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer.
 
@@ -278,7 +279,7 @@ class SwitchFFN(_DeviceArrayPath):
         }
 
 
-class DenseFFN(_DeviceArrayPath):
+class DenseFFN(_FFNLayer):
     """The dense FFN with the interface of :class:`SwitchFFN`: every token through one FFN.
 
     ``y = act(x @ w_in + b_in) @ w_out + b_out``. With ``d_ff`` equal to the Switch layer's, it
@@ -343,20 +344,6 @@ class DenseFFN(_DeviceArrayPath):
             _as_int(where, "d_model", d_model), _as_int(where, "d_ff", d_ff), options
         )
         self._live_grads = dict(self._impl.tensors(True)) if self.device == "cpu" else None
-
-    @property
-    def params(self) -> dict:
-        """Live float32 views of the master parameters, made on each access (read-only host
-        copies on cuda)."""
-        return dict(self._impl.tensors(False))
-
-    @property
-    def grads(self) -> dict:
-        """Live float32 views of the gradients, overwritten by each backward (read-only host
-        copies of the current gradients on cuda)."""
-        if self._live_grads is not None:
-            return self._live_grads
-        return dict(self._impl.tensors(True))
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Apply the layer: x (T, d_model) float32 or bfloat16 -> y of the same shape and dtype."""

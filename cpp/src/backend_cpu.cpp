@@ -28,10 +28,6 @@ void require(const char* op, const char* arg, const TensorView& v,
              std::initializer_list<DType> dtypes, std::initializer_list<int64_t> shape) {
   detail::require_view(Device::cpu, op, arg, v, dtypes, shape);
 }
-void require_flat(const char* op, const char* arg, const TensorView& v,
-                  std::initializer_list<DType> dtypes, int64_t numel) {
-  detail::require_flat_view(Device::cpu, op, arg, v, dtypes, numel);
-}
 using detail::require_same_dtype;
 constexpr std::initializer_list<DType> kFloat32 = detail::kFloat32Only;
 constexpr std::initializer_list<DType> kCompute = detail::kComputeTypes;
@@ -62,16 +58,12 @@ void cpu_copy(const TensorView& src, const TensorView& dst) {
 }
 
 void cpu_convert(const TensorView& src, const TensorView& dst) {
-  require_flat("convert", "src", src, kCompute, src.numel());
-  require_flat("convert", "dst", dst, kCompute, src.numel());
+  detail::check_convert(Device::cpu, src, dst);
   moe::convert_activations(src.data, src.dtype, dst.data, dst.dtype, src.numel());
 }
 
 void cpu_add(const TensorView& a, const TensorView& b, const TensorView& out) {
-  const int64_t n = out.numel();
-  require_flat("add", "a", a, kCompute, n);
-  require_flat("add", "b", b, kCompute, n);
-  require_flat("add", "out", out, kCompute, n);
+  const int64_t n = detail::check_add(Device::cpu, a, b, out);
   constexpr int64_t kBlock = 4096;
   if (a.dtype == DType::float32 && b.dtype == DType::float32 && out.dtype == DType::float32) {
     // The residual adds: one pass, no staging copies (the same float32 sums as below).
@@ -99,9 +91,7 @@ void cpu_add(const TensorView& a, const TensorView& b, const TensorView& out) {
 }
 
 void cpu_multiply(const TensorView& x, const TensorView& factor) {
-  const int64_t n = x.numel();
-  require_flat("multiply", "x", x, kFloat32, n);
-  require_flat("multiply", "factor", factor, kFloat32, n);
+  const int64_t n = detail::check_multiply(Device::cpu, x, factor);
   constexpr int64_t kBlock = 1 << 14;
   float* xs = x.as<float>();
   const float* fs = factor.as<const float>();
@@ -119,55 +109,40 @@ void cpu_route(const TensorView& logits, const moe::RouteOptions& options, moe::
 void cpu_route_backward(const TensorView& logits, const moe::RoutingPlan& plan,
                         const TensorView& d_gate, double aux_coef, double z_coef,
                         const TensorView& d_logits) {
-  require("route_backward", "logits", logits, kFloat32, {plan.num_tokens, plan.num_experts});
-  require("route_backward", "d_gate", d_gate, kFloat32, {plan.num_tokens, plan.k});
-  require("route_backward", "d_logits", d_logits, kFloat32, {plan.num_tokens, plan.num_experts});
+  detail::check_route_backward(Device::cpu, logits, plan, d_gate, d_logits);
   moe::route_backward(logits.as<const float>(), plan, d_gate.as<const float>(), aux_coef, z_coef,
                       d_logits.as<float>());
 }
 
 void cpu_softmax_rows(const TensorView& logits, const TensorView& probs) {
-  require("softmax_rows", "logits", logits, kFloat32, {-1, -1});
-  require("softmax_rows", "probs", probs, kFloat32, {logits.shape[0], logits.shape[1]});
+  detail::check_softmax_rows(Device::cpu, logits, probs);
   moe::softmax_rows(logits.as<const float>(), logits.shape[0], logits.shape[1], probs.as<float>());
-}
-
-void require_layout_views(const char* op, const char* token_name, const TensorView& tokens,
-                          const char* row_name, const TensorView& rows,
-                          const moe::DispatchLayout& layout) {
-  require(op, token_name, tokens, kCompute, {layout.num_tokens, -1});
-  require(op, row_name, rows, kCompute, {layout.total_rows, tokens.shape[1]});
-  require_same_dtype(op, token_name, tokens, row_name, rows);
 }
 
 void cpu_dispatch(const TensorView& x, const moe::DispatchLayout& layout,
                   const TensorView& buffer) {
-  require_layout_views("dispatch", "x", x, "buffer", buffer, layout);
+  detail::check_layout_views(Device::cpu, "dispatch", "x", x, "buffer", buffer, layout);
   moe::dispatch(x.data, x.dtype, x.shape[1], layout, buffer.data);
 }
 
 void cpu_combine(const TensorView& expert_out, const moe::DispatchLayout& layout,
                  const TensorView& gate, const TensorView& y) {
-  require_layout_views("combine", "y", y, "expert_out", expert_out, layout);
-  require("combine", "gate", gate, kFloat32, {layout.num_tokens, layout.k});
+  detail::check_combine(Device::cpu, expert_out, layout, gate, y);
   moe::combine(expert_out.data, y.dtype, y.shape[1], layout, gate.as<const float>(), y.data);
 }
 
 void cpu_combine_backward(const TensorView& dy, const TensorView& expert_out,
                           const moe::DispatchLayout& layout, const TensorView& gate,
                           const TensorView& d_expert_out, const TensorView& d_gate) {
-  require_layout_views("combine_backward", "dy", dy, "expert_out", expert_out, layout);
-  require("combine_backward", "d_expert_out", d_expert_out, {dy.dtype},
-          {layout.total_rows, dy.shape[1]});
-  require("combine_backward", "gate", gate, kFloat32, {layout.num_tokens, layout.k});
-  require("combine_backward", "d_gate", d_gate, kFloat32, {layout.num_tokens, layout.k});
+  detail::check_combine_backward(Device::cpu, dy, expert_out, layout, gate, d_expert_out, d_gate);
   moe::combine_backward(dy.data, expert_out.data, dy.dtype, dy.shape[1], layout,
                         gate.as<const float>(), d_expert_out.data, d_gate.as<float>());
 }
 
 void cpu_dispatch_backward(const TensorView& d_buffer, const moe::DispatchLayout& layout,
                            const TensorView& dx) {
-  require_layout_views("dispatch_backward", "dx", dx, "d_buffer", d_buffer, layout);
+  detail::check_layout_views(Device::cpu, "dispatch_backward", "dx", dx, "d_buffer", d_buffer,
+                             layout);
   moe::dispatch_backward(d_buffer.data, dx.dtype, dx.shape[1], layout, dx.data);
 }
 
@@ -204,11 +179,7 @@ void cpu_gemm(const TensorView& a, bool trans_a, const TensorView& b, bool trans
 
 void cpu_rmsnorm_forward(const TensorView& x, const TensorView& weight, float eps,
                          const TensorView& y, const TensorView& inv_rms) {
-  require("rmsnorm_forward", "x", x, kFloat32, {-1, -1});
-  const int64_t T = x.shape[0], d = x.shape[1];
-  require("rmsnorm_forward", "weight", weight, kFloat32, {d});
-  require("rmsnorm_forward", "y", y, kFloat32, {T, d});
-  require("rmsnorm_forward", "inv_rms", inv_rms, kFloat32, {T});
+  const auto [T, d] = detail::check_rmsnorm_forward(Device::cpu, x, weight, y, inv_rms);
   nn::rmsnorm_forward(x.as<const float>(), weight.as<const float>(), T, d, eps, y.as<float>(),
                       inv_rms.as<float>());
 }
@@ -216,103 +187,65 @@ void cpu_rmsnorm_forward(const TensorView& x, const TensorView& weight, float ep
 void cpu_rmsnorm_backward(const TensorView& dy, const TensorView& x, const TensorView& weight,
                           const TensorView& inv_rms, const TensorView& dx,
                           const TensorView& d_weight) {
-  require("rmsnorm_backward", "x", x, kFloat32, {-1, -1});
-  const int64_t T = x.shape[0], d = x.shape[1];
-  require("rmsnorm_backward", "dy", dy, kFloat32, {T, d});
-  require("rmsnorm_backward", "weight", weight, kFloat32, {d});
-  require("rmsnorm_backward", "inv_rms", inv_rms, kFloat32, {T});
-  require("rmsnorm_backward", "dx", dx, kFloat32, {T, d});
-  require("rmsnorm_backward", "d_weight", d_weight, kFloat32, {d});
+  const auto [T, d] =
+      detail::check_rmsnorm_backward(Device::cpu, dy, x, weight, inv_rms, dx, d_weight);
   nn::rmsnorm_backward(dy.as<const float>(), x.as<const float>(), weight.as<const float>(),
                        inv_rms.as<const float>(), T, d, dx.as<float>(), d_weight.as<float>());
 }
 
-// (batch * S, 3 * heads * Dh) -> S and Dh, checked.
-std::pair<int64_t, int64_t> attention_sizes(const char* op, const TensorView& qkv, int64_t batch,
-                                            int64_t heads) {
-  require(op, "qkv", qkv, kFloat32, {-1, -1});
-  PYSWITCH_CHECK_ARG(
-      batch >= 1 && heads >= 1 && qkv.shape[0] % batch == 0 && qkv.shape[1] % (3 * heads) == 0, op,
-      ": qkv of shape ", detail::view_shape_text(qkv), " does not split into batch ", batch,
-      " and 3 * heads = ", 3 * heads);
-  return {qkv.shape[0] / batch, qkv.shape[1] / (3 * heads)};
-}
-
 void cpu_rope_apply(const TensorView& qkv, int64_t batch, int64_t heads, double base,
                     bool inverse) {
-  const auto [S, Dh] = attention_sizes("rope_apply", qkv, batch, heads);
+  const auto [S, Dh] = detail::check_attention_sizes(Device::cpu, "rope_apply", qkv, batch, heads);
   nn::rope_apply(qkv.as<float>(), batch, S, heads, Dh, base, inverse);
 }
 
 void cpu_attention_forward(const TensorView& qkv, int64_t batch, int64_t heads,
                            const TensorView& out, const TensorView& probs) {
-  const auto [S, Dh] = attention_sizes("attention_forward", qkv, batch, heads);
-  require("attention_forward", "out", out, kFloat32, {batch * S, heads * Dh});
-  require("attention_forward", "probs", probs, kFloat32, {batch, heads, S, S});
+  const auto [S, Dh] = detail::check_attention_forward(Device::cpu, qkv, batch, heads, out, probs);
   nn::attention_forward(qkv.as<const float>(), batch, S, heads, Dh, out.as<float>(),
                         probs.as<float>());
 }
 
 void cpu_attention_backward(const TensorView& d_out, const TensorView& qkv, const TensorView& probs,
                             int64_t batch, int64_t heads, const TensorView& d_qkv) {
-  const auto [S, Dh] = attention_sizes("attention_backward", qkv, batch, heads);
-  require("attention_backward", "d_out", d_out, kFloat32, {batch * S, heads * Dh});
-  require("attention_backward", "probs", probs, kFloat32, {batch, heads, S, S});
-  require("attention_backward", "d_qkv", d_qkv, kFloat32, {batch * S, 3 * heads * Dh});
+  const auto [S, Dh] =
+      detail::check_attention_backward(Device::cpu, d_out, qkv, probs, batch, heads, d_qkv);
   nn::attention_backward(d_out.as<const float>(), qkv.as<const float>(), probs.as<const float>(),
                          batch, S, heads, Dh, d_qkv.as<float>());
 }
 
 void cpu_embedding_forward(const TensorView& table, const TensorView& tokens,
                            const TensorView& out) {
-  require("embedding_forward", "table", table, kFloat32, {-1, -1});
-  require("embedding_forward", "tokens", tokens, {DType::int32}, {-1});
-  require("embedding_forward", "out", out, kFloat32, {tokens.shape[0], table.shape[1]});
+  detail::check_embedding_forward(Device::cpu, table, tokens, out);
   nn::embedding_forward(table.as<const float>(), table.shape[0], table.shape[1],
                         tokens.as<const int32_t>(), tokens.shape[0], out.as<float>());
 }
 
 void cpu_embedding_backward(const TensorView& d_out, const TensorView& tokens,
                             const TensorView& d_table) {
-  require("embedding_backward", "d_table", d_table, kFloat32, {-1, -1});
-  require("embedding_backward", "tokens", tokens, {DType::int32}, {-1});
-  require("embedding_backward", "d_out", d_out, kFloat32, {tokens.shape[0], d_table.shape[1]});
+  detail::check_embedding_backward(Device::cpu, d_out, tokens, d_table);
   nn::embedding_backward(d_out.as<const float>(), tokens.as<const int32_t>(), tokens.shape[0],
                          d_table.shape[0], d_table.shape[1], d_table.as<float>());
 }
 
 double cpu_cross_entropy(const TensorView& logits, const TensorView& targets, float grad_scale,
                          const TensorView& d_logits) {
-  require("cross_entropy", "logits", logits, kFloat32, {-1, -1});
-  const int64_t T = logits.shape[0], V = logits.shape[1];
-  require("cross_entropy", "targets", targets, {DType::int32}, {T});
-  float* d_out = nullptr;
-  if (d_logits.data != nullptr) {
-    require("cross_entropy", "d_logits", d_logits, kFloat32, {T, V});
-    d_out = d_logits.as<float>();
-  }
+  const auto [T, V] = detail::check_cross_entropy(Device::cpu, logits, targets, d_logits);
+  float* d_out = d_logits.data != nullptr ? d_logits.as<float>() : nullptr;
   return nn::cross_entropy(logits.as<const float>(), targets.as<const int32_t>(), T, V, grad_scale,
                            d_out);
 }
 
 // The optional bf16 compute copy of an optimizer update: null data means none.
 bf16* compute_copy_of(const char* op, const TensorView& copy, int64_t n) {
-  if (copy.data == nullptr) return nullptr;
-  require_flat(op, "compute_copy", copy, {DType::bfloat16}, n);
-  return copy.as<bf16>();
+  return detail::check_compute_copy(Device::cpu, op, copy, n) ? copy.as<bf16>() : nullptr;
 }
 
 void cpu_adamw_update(const TensorView& param, const TensorView& grad, const TensorView& m,
                       const TensorView& v, int64_t step, double lr,
                       const optim::AdamWOptions& options, bool decay,
                       const TensorView& compute_copy) {
-  const int64_t n = param.numel();
-  for (const auto& [name, view] : {std::pair<const char*, const TensorView*>{"param", &param},
-                                   {"grad", &grad},
-                                   {"m", &m},
-                                   {"v", &v}}) {
-    require_flat("adamw_update", name, *view, kFloat32, n);
-  }
+  const int64_t n = detail::check_adamw(Device::cpu, param, grad, m, v);
   optim::adamw_step(param.as<float>(), grad.as<const float>(), m.as<float>(), v.as<float>(), n,
                     step, lr, options, decay, compute_copy_of("adamw_update", compute_copy, n));
 }
@@ -323,12 +256,10 @@ void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
                           int64_t step, double lr, const optim::AdafactorOptions& options,
                           const TensorView& compute_copy) {
   const int64_t n = shape.batches * shape.rows * shape.cols;
-  require_flat("adafactor_update", "param", param, kFloat32, n);
-  require_flat("adafactor_update", "grad", grad, kFloat32, n);
+  detail::check_adafactor(Device::cpu, param, grad, n);
   auto state = [&](const char* name, const TensorView& view, int64_t expected) -> float* {
-    if (expected == 0) return nullptr;
-    require_flat("adafactor_update", name, view, kFloat32, expected);
-    return view.as<float>();
+    return detail::check_adafactor_state(Device::cpu, name, view, expected) ? view.as<float>()
+                                                                            : nullptr;
   };
   optim::adafactor_step(param.as<float>(), grad.as<const float>(),
                         state("row_state", row_state, shape.row_state()),
@@ -338,12 +269,12 @@ void cpu_adafactor_update(const TensorView& param, const TensorView& grad,
 }
 
 double cpu_sum_of_squares(const TensorView& x) {
-  require_flat("sum_of_squares", "x", x, kFloat32, x.numel());
+  detail::check_float32_tensor(Device::cpu, "sum_of_squares", x);
   return optim::sum_of_squares(x.as<const float>(), x.numel());
 }
 
 void cpu_scale(const TensorView& x, float factor) {
-  require_flat("scale", "x", x, kFloat32, x.numel());
+  detail::check_float32_tensor(Device::cpu, "scale", x);
   optim::scale_in_place(x.as<float>(), x.numel(), factor);
 }
 

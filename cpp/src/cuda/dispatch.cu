@@ -142,15 +142,10 @@ void combine_backward_typed(const void* dy, const void* expert_out, const int32_
   }
 }
 
-// The CPU table's checks (backend_cpu.cpp's require_layout_views, moe/dispatch.cpp's
-// d_model check), plus the layout's own sizes, which the device kernels index by.
-void require_layout_views(const char* op, const char* token_name, const TensorView& tokens,
-                          const char* row_name, const TensorView& rows,
-                          const moe::DispatchLayout& layout) {
-  require(op, token_name, tokens, kComputeTypes, {layout.num_tokens, -1});
-  require(op, row_name, rows, kComputeTypes, {layout.total_rows, tokens.shape[1]});
-  require_same_dtype(op, token_name, tokens, row_name, rows);
-  PYSWITCH_CHECK_ARG(tokens.shape[1] >= 1, op, ": d_model must be >= 1, got ", tokens.shape[1]);
+// Beyond the shared checks (backend_views.hpp): what the device kernels index by, d_model >= 1
+// (moe/dispatch.cpp's check on the CPU) and the layout's own array sizes.
+void require_layout_arrays(const char* op, int64_t d_model, const moe::DispatchLayout& layout) {
+  PYSWITCH_CHECK_ARG(d_model >= 1, op, ": d_model must be >= 1, got ", d_model);
   PYSWITCH_CHECK_ARG(
       static_cast<int64_t>(layout.assignment_row.size()) == layout.num_tokens * layout.k &&
           static_cast<int64_t>(layout.row_token.size()) == layout.total_rows,
@@ -160,7 +155,8 @@ void require_layout_views(const char* op, const char* token_name, const TensorVi
 }  // namespace
 
 void dispatch(const TensorView& x, const moe::DispatchLayout& layout, const TensorView& buffer) {
-  require_layout_views("dispatch", "x", x, "buffer", buffer, layout);
+  pyswitch::detail::check_layout_views(Device::cuda, "dispatch", "x", x, "buffer", buffer, layout);
+  require_layout_arrays("dispatch", x.shape[1], layout);
   const int64_t rows = layout.total_rows;
   if (rows == 0) return;
   const DeviceArray<int32_t> row_token = DeviceArray<int32_t>::upload(layout.row_token, "dispatch");
@@ -184,8 +180,8 @@ void dispatch(const TensorView& x, const moe::DispatchLayout& layout, const Tens
 
 void combine(const TensorView& expert_out, const moe::DispatchLayout& layout,
              const TensorView& gate, const TensorView& y) {
-  require_layout_views("combine", "y", y, "expert_out", expert_out, layout);
-  require("combine", "gate", gate, kFloat32Only, {layout.num_tokens, layout.k});
+  pyswitch::detail::check_combine(Device::cuda, expert_out, layout, gate, y);
+  require_layout_arrays("combine", y.shape[1], layout);
   const int64_t T = layout.num_tokens, k = layout.k, d = y.shape[1];
   if (T == 0) return;
   const DeviceArray<int64_t> assignment_row =
@@ -202,11 +198,9 @@ void combine(const TensorView& expert_out, const moe::DispatchLayout& layout,
 void combine_backward(const TensorView& dy, const TensorView& expert_out,
                       const moe::DispatchLayout& layout, const TensorView& gate,
                       const TensorView& d_expert_out, const TensorView& d_gate) {
-  require_layout_views("combine_backward", "dy", dy, "expert_out", expert_out, layout);
-  require("combine_backward", "d_expert_out", d_expert_out, {dy.dtype},
-          {layout.total_rows, dy.shape[1]});
-  require("combine_backward", "gate", gate, kFloat32Only, {layout.num_tokens, layout.k});
-  require("combine_backward", "d_gate", d_gate, kFloat32Only, {layout.num_tokens, layout.k});
+  pyswitch::detail::check_combine_backward(Device::cuda, dy, expert_out, layout, gate, d_expert_out,
+                                           d_gate);
+  require_layout_arrays("combine_backward", dy.shape[1], layout);
   const int64_t T = layout.num_tokens, R = layout.total_rows, k = layout.k, d = dy.shape[1];
   if (T == 0 && R == 0) return;
   const DeviceArray<int32_t> row_token =
@@ -226,7 +220,9 @@ void combine_backward(const TensorView& dy, const TensorView& expert_out,
 
 void dispatch_backward(const TensorView& d_buffer, const moe::DispatchLayout& layout,
                        const TensorView& dx) {
-  require_layout_views("dispatch_backward", "dx", dx, "d_buffer", d_buffer, layout);
+  pyswitch::detail::check_layout_views(Device::cuda, "dispatch_backward", "dx", dx, "d_buffer",
+                                       d_buffer, layout);
+  require_layout_arrays("dispatch_backward", dx.shape[1], layout);
   const int64_t T = layout.num_tokens, k = layout.k, d = dx.shape[1];
   if (T == 0) return;
   const DeviceArray<int64_t> assignment_row =

@@ -84,8 +84,7 @@ void with_compute_type(DType dtype, F&& f) {
 }  // namespace
 
 void convert(const TensorView& src, const TensorView& dst) {
-  require_flat("convert", "src", src, kComputeTypes, src.numel());
-  require_flat("convert", "dst", dst, kComputeTypes, src.numel());
+  pyswitch::detail::check_convert(Device::cuda, src, dst);
   const int64_t n = src.numel();
   if (n == 0) return;
   if (src.dtype == dst.dtype) {
@@ -107,10 +106,7 @@ void convert(const TensorView& src, const TensorView& dst) {
 }
 
 void add(const TensorView& a, const TensorView& b, const TensorView& out) {
-  const int64_t n = out.numel();
-  require_flat("add", "a", a, kComputeTypes, n);
-  require_flat("add", "b", b, kComputeTypes, n);
-  require_flat("add", "out", out, kComputeTypes, n);
+  const int64_t n = pyswitch::detail::check_add(Device::cuda, a, b, out);
   if (n == 0) return;
   with_compute_type(a.dtype, [&](auto a_tag) {
     with_compute_type(b.dtype, [&](auto b_tag) {
@@ -127,9 +123,7 @@ void add(const TensorView& a, const TensorView& b, const TensorView& out) {
 }
 
 void multiply(const TensorView& x, const TensorView& factor) {
-  const int64_t n = x.numel();
-  require_flat("multiply", "x", x, kFloat32Only, n);
-  require_flat("multiply", "factor", factor, kFloat32Only, n);
+  const int64_t n = pyswitch::detail::check_multiply(Device::cuda, x, factor);
   if (n == 0) return;
   multiply_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(x.as<float>(), factor.as<const float>(),
                                                             n);
@@ -137,7 +131,7 @@ void multiply(const TensorView& x, const TensorView& factor) {
 }
 
 double sum_of_squares(const TensorView& x) {
-  require_flat("sum_of_squares", "x", x, kFloat32Only, x.numel());
+  pyswitch::detail::check_float32_tensor(Device::cuda, "sum_of_squares", x);
   const int64_t n = x.numel();
   if (n == 0) return 0.0;
   const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
@@ -151,7 +145,7 @@ double sum_of_squares(const TensorView& x) {
 }
 
 void scale(const TensorView& x, float factor) {
-  require_flat("scale", "x", x, kFloat32Only, x.numel());
+  pyswitch::detail::check_float32_tensor(Device::cuda, "scale", x);
   const int64_t n = x.numel();
   if (n == 0) return;
   scale_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(x.as<float>(), n, factor);

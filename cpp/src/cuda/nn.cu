@@ -312,15 +312,8 @@ __global__ void attention_key_value_grads(const float* d_out, const float* qkv, 
   }
 }
 
-// (batch * S, 3 * heads * Dh) -> S and Dh, checked (backend_cpu.cpp's attention_sizes).
-AttentionShape attention_shape(const char* op, const TensorView& qkv, int64_t batch,
-                               int64_t heads) {
-  require(op, "qkv", qkv, kFloat32Only, {-1, -1});
-  PYSWITCH_CHECK_ARG(
-      batch >= 1 && heads >= 1 && qkv.shape[0] % batch == 0 && qkv.shape[1] % (3 * heads) == 0, op,
-      ": qkv of shape ", pyswitch::detail::view_shape_text(qkv), " does not split into batch ",
-      batch, " and 3 * heads = ", 3 * heads);
-  return {batch, qkv.shape[0] / batch, heads, qkv.shape[1] / (3 * heads)};
+AttentionShape attention_shape(int64_t batch, int64_t heads, std::pair<int64_t, int64_t> sizes) {
+  return {batch, sizes.first, heads, sizes.second};
 }
 
 float attention_scale(int64_t Dh) {
@@ -423,11 +416,7 @@ __global__ void cross_entropy_grads(const float* logits, const int32_t* targets,
 
 void rmsnorm_forward(const TensorView& x, const TensorView& weight, float eps, const TensorView& y,
                      const TensorView& inv_rms) {
-  require("rmsnorm_forward", "x", x, kFloat32Only, {-1, -1});
-  const int64_t T = x.shape[0], d = x.shape[1];
-  require("rmsnorm_forward", "weight", weight, kFloat32Only, {d});
-  require("rmsnorm_forward", "y", y, kFloat32Only, {T, d});
-  require("rmsnorm_forward", "inv_rms", inv_rms, kFloat32Only, {T});
+  const auto [T, d] = pyswitch::detail::check_rmsnorm_forward(Device::cuda, x, weight, y, inv_rms);
   if (T == 0) return;
   rmsnorm_forward_rows<<<blocks_for(T, 1), kThreads, 0, stream()>>>(
       x.as<const float>(), weight.as<const float>(), T, d, eps, y.as<float>(), inv_rms.as<float>());
@@ -436,13 +425,8 @@ void rmsnorm_forward(const TensorView& x, const TensorView& weight, float eps, c
 
 void rmsnorm_backward(const TensorView& dy, const TensorView& x, const TensorView& weight,
                       const TensorView& inv_rms, const TensorView& dx, const TensorView& d_weight) {
-  require("rmsnorm_backward", "x", x, kFloat32Only, {-1, -1});
-  const int64_t T = x.shape[0], d = x.shape[1];
-  require("rmsnorm_backward", "dy", dy, kFloat32Only, {T, d});
-  require("rmsnorm_backward", "weight", weight, kFloat32Only, {d});
-  require("rmsnorm_backward", "inv_rms", inv_rms, kFloat32Only, {T});
-  require("rmsnorm_backward", "dx", dx, kFloat32Only, {T, d});
-  require("rmsnorm_backward", "d_weight", d_weight, kFloat32Only, {d});
+  const auto [T, d] =
+      pyswitch::detail::check_rmsnorm_backward(Device::cuda, dy, x, weight, inv_rms, dx, d_weight);
   if (d == 0) return;
   const int64_t row_blocks = (T + kRowBlock - 1) / kRowBlock;
   DeviceArray<double> partial(row_blocks * d, "rmsnorm_backward");
@@ -463,7 +447,9 @@ void rmsnorm_backward(const TensorView& dy, const TensorView& x, const TensorVie
 }
 
 void rope_apply(const TensorView& qkv, int64_t batch, int64_t heads, double base, bool inverse) {
-  const AttentionShape s = attention_shape("rope_apply", qkv, batch, heads);
+  const AttentionShape s = attention_shape(
+      batch, heads,
+      pyswitch::detail::check_attention_sizes(Device::cuda, "rope_apply", qkv, batch, heads));
   PYSWITCH_CHECK_ARG(s.Dh % 2 == 0, "rope: the head dimension must be even, got ", s.Dh);
   const int64_t half = s.Dh / 2, rows = s.B * s.S;
   if (rows == 0 || half == 0) return;
@@ -478,9 +464,9 @@ void rope_apply(const TensorView& qkv, int64_t batch, int64_t heads, double base
 
 void attention_forward(const TensorView& qkv, int64_t batch, int64_t heads, const TensorView& out,
                        const TensorView& probs) {
-  const AttentionShape s = attention_shape("attention_forward", qkv, batch, heads);
-  require("attention_forward", "out", out, kFloat32Only, {s.B * s.S, s.H * s.Dh});
-  require("attention_forward", "probs", probs, kFloat32Only, {s.B, s.H, s.S, s.S});
+  const AttentionShape s = attention_shape(
+      batch, heads,
+      pyswitch::detail::check_attention_forward(Device::cuda, qkv, batch, heads, out, probs));
   const int64_t query_rows = s.B * s.H * s.S;
   if (query_rows == 0) return;
   const float scale = attention_scale(s.Dh);
@@ -495,10 +481,10 @@ void attention_forward(const TensorView& qkv, int64_t batch, int64_t heads, cons
 
 void attention_backward(const TensorView& d_out, const TensorView& qkv, const TensorView& probs,
                         int64_t batch, int64_t heads, const TensorView& d_qkv) {
-  const AttentionShape s = attention_shape("attention_backward", qkv, batch, heads);
-  require("attention_backward", "d_out", d_out, kFloat32Only, {s.B * s.S, s.H * s.Dh});
-  require("attention_backward", "probs", probs, kFloat32Only, {s.B, s.H, s.S, s.S});
-  require("attention_backward", "d_qkv", d_qkv, kFloat32Only, {s.B * s.S, 3 * s.H * s.Dh});
+  const AttentionShape s =
+      attention_shape(batch, heads,
+                      pyswitch::detail::check_attention_backward(Device::cuda, d_out, qkv, probs,
+                                                                 batch, heads, d_qkv));
   if (d_qkv.numel() == 0) return;
   const int64_t query_rows = s.B * s.H * s.S, elements = s.B * s.S * s.H * s.Dh;
   const float scale = attention_scale(s.Dh);
@@ -516,9 +502,7 @@ void attention_backward(const TensorView& d_out, const TensorView& qkv, const Te
 }
 
 void embedding_forward(const TensorView& table, const TensorView& tokens, const TensorView& out) {
-  require("embedding_forward", "table", table, kFloat32Only, {-1, -1});
-  require("embedding_forward", "tokens", tokens, {DType::int32}, {-1});
-  require("embedding_forward", "out", out, kFloat32Only, {tokens.shape[0], table.shape[1]});
+  pyswitch::detail::check_embedding_forward(Device::cuda, table, tokens, out);
   const int64_t V = table.shape[0], d = table.shape[1], T = tokens.shape[0];
   if (T == 0) return;
   const OutOfRange bad = first_out_of_range("embedding_forward", tokens.as<const int32_t>(), T, V);
@@ -532,9 +516,7 @@ void embedding_forward(const TensorView& table, const TensorView& tokens, const 
 
 void embedding_backward(const TensorView& d_out, const TensorView& tokens,
                         const TensorView& d_table) {
-  require("embedding_backward", "d_table", d_table, kFloat32Only, {-1, -1});
-  require("embedding_backward", "tokens", tokens, {DType::int32}, {-1});
-  require("embedding_backward", "d_out", d_out, kFloat32Only, {tokens.shape[0], d_table.shape[1]});
+  pyswitch::detail::check_embedding_backward(Device::cuda, d_out, tokens, d_table);
   const int64_t V = d_table.shape[0], d = d_table.shape[1], T = tokens.shape[0];
   if (T == 0 || d == 0) return;
   // The tokens of each vocabulary row in token order, by a stable counting sort on the host;
@@ -572,11 +554,8 @@ void embedding_backward(const TensorView& d_out, const TensorView& tokens,
 
 double cross_entropy(const TensorView& logits, const TensorView& targets, float grad_scale,
                      const TensorView& d_logits) {
-  require("cross_entropy", "logits", logits, kFloat32Only, {-1, -1});
-  const int64_t T = logits.shape[0], V = logits.shape[1];
-  require("cross_entropy", "targets", targets, {DType::int32}, {T});
-  if (d_logits.data != nullptr)
-    require("cross_entropy", "d_logits", d_logits, kFloat32Only, {T, V});
+  const auto [T, V] =
+      pyswitch::detail::check_cross_entropy(Device::cuda, logits, targets, d_logits);
   if (T == 0) return 0.0;
   const int32_t* target_data = targets.as<const int32_t>();
   const OutOfRange bad = first_out_of_range("cross_entropy", target_data, T, V);

@@ -16,16 +16,10 @@ namespace {
 
 using namespace detail;  // kernel_utils.cuh and common.cuh
 
-void check_step(const char* where, int64_t step, double lr) {
-  PYSWITCH_CHECK_ARG(step >= 1, where, ": step must be >= 1, got ", step);
-  PYSWITCH_CHECK_ARG(std::isfinite(lr) && lr >= 0, where, ": lr must be finite and >= 0, got ", lr);
-}
-
 // The optional bf16 compute copy of an optimizer update: null data means none.
 bf16* compute_copy_of(const char* op, const TensorView& copy, int64_t n) {
-  if (copy.data == nullptr) return nullptr;
-  require_flat(op, "compute_copy", copy, {DType::bfloat16}, n);
-  return copy.as<bf16>();
+  return pyswitch::detail::check_compute_copy(Device::cuda, op, copy, n) ? copy.as<bf16>()
+                                                                         : nullptr;
 }
 
 struct AdamWScalars {
@@ -118,13 +112,9 @@ __global__ void adafactor_apply(float* param, const float* update, int64_t n, fl
 void adamw_update(const TensorView& param, const TensorView& grad, const TensorView& m,
                   const TensorView& v, int64_t step, double lr, const optim::AdamWOptions& options,
                   bool decay, const TensorView& compute_copy) {
-  const int64_t n = param.numel();
-  require_flat("adamw_update", "param", param, kFloat32Only, n);
-  require_flat("adamw_update", "grad", grad, kFloat32Only, n);
-  require_flat("adamw_update", "m", m, kFloat32Only, n);
-  require_flat("adamw_update", "v", v, kFloat32Only, n);
+  const int64_t n = pyswitch::detail::check_adamw(Device::cuda, param, grad, m, v);
   bf16* copy = compute_copy_of("adamw_update", compute_copy, n);
-  check_step("adamw_step", step, lr);
+  optim::check_step("adamw_step", step, lr);
   if (n == 0) return;
   const double c1 = 1.0 - std::pow(options.beta1, static_cast<double>(step));
   const double c2 = 1.0 - std::pow(options.beta2, static_cast<double>(step));
@@ -145,18 +135,17 @@ void adafactor_update(const TensorView& param, const TensorView& grad, const Ten
                       const optim::AdafactorShape& shape, int64_t step, double lr,
                       const optim::AdafactorOptions& options, const TensorView& compute_copy) {
   const int64_t n = shape.batches * shape.rows * shape.cols;
-  require_flat("adafactor_update", "param", param, kFloat32Only, n);
-  require_flat("adafactor_update", "grad", grad, kFloat32Only, n);
+  pyswitch::detail::check_adafactor(Device::cuda, param, grad, n);
   auto state = [&](const char* name, const TensorView& view, int64_t expected) -> float* {
-    if (expected == 0) return nullptr;
-    require_flat("adafactor_update", name, view, kFloat32Only, expected);
-    return view.as<float>();
+    return pyswitch::detail::check_adafactor_state(Device::cuda, name, view, expected)
+               ? view.as<float>()
+               : nullptr;
   };
   float* rows_f = state("row_state", row_state, shape.row_state());
   float* cols_f = state("col_state", col_state, shape.col_state());
   float* full_f = state("full_state", full_state, shape.full_state());
   bf16* copy = compute_copy_of("adafactor_update", compute_copy, n);
-  check_step("adafactor_step", step, lr);
+  optim::check_step("adafactor_step", step, lr);
   if (n == 0) return;
   const double rho = 1.0 - std::pow(static_cast<double>(step), -options.decay_rate);
   const float* g = grad.as<const float>();

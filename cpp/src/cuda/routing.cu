@@ -225,10 +225,7 @@ void route(const TensorView& logits, const moe::RouteOptions& options, moe::Rout
 void route_backward(const TensorView& logits, const moe::RoutingPlan& plan,
                     const TensorView& d_gate, double aux_coef, double z_coef,
                     const TensorView& d_logits) {
-  require("route_backward", "logits", logits, kFloat32Only, {plan.num_tokens, plan.num_experts});
-  require("route_backward", "d_gate", d_gate, kFloat32Only, {plan.num_tokens, plan.k});
-  require("route_backward", "d_logits", d_logits, kFloat32Only,
-          {plan.num_tokens, plan.num_experts});
+  pyswitch::detail::check_route_backward(Device::cuda, logits, plan, d_gate, d_logits);
   const int64_t T = plan.num_tokens, E = plan.num_experts, k = plan.k;
   if (T == 0 || E == 0) return;
   const int64_t G = plan.loss_groups > 0 ? plan.loss_groups : plan.num_groups;
@@ -260,8 +257,7 @@ void route_backward(const TensorView& logits, const moe::RoutingPlan& plan,
 }
 
 void softmax_rows(const TensorView& logits, const TensorView& probs) {
-  require("softmax_rows", "logits", logits, kFloat32Only, {-1, -1});
-  require("softmax_rows", "probs", probs, kFloat32Only, {logits.shape[0], logits.shape[1]});
+  pyswitch::detail::check_softmax_rows(Device::cuda, logits, probs);
   const int64_t T = logits.shape[0], E = logits.shape[1];
   if (T == 0 || E == 0) return;
   softmax_rows_kernel<<<detail::blocks_for(T), detail::kThreads, 0, detail::stream()>>>(

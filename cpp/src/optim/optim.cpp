@@ -12,11 +12,6 @@ namespace {
 
 constexpr int64_t kBlock = 1 << 14;
 
-void check_step(const char* where, int64_t step, double lr) {
-  PYSWITCH_CHECK_ARG(step >= 1, where, ": step must be >= 1, got ", step);
-  PYSWITCH_CHECK_ARG(std::isfinite(lr) && lr >= 0, where, ": lr must be finite and >= 0, got ", lr);
-}
-
 // sum of f(i) over [0, n) in fixed blocks, combined in block order. Within a block, eight
 // independent partial sums (i mod 8), added in lane order at the end: the same bits on every
 // machine and thread count, and no loop-carried dependency on one accumulator, so the compiler
@@ -51,6 +46,11 @@ inline void refresh_copy(const float* param, bf16* copy, int64_t begin, int64_t 
 }
 
 }  // namespace
+
+void check_step(const char* where, int64_t step, double lr) {
+  PYSWITCH_CHECK_ARG(step >= 1, where, ": step must be >= 1, got ", step);
+  PYSWITCH_CHECK_ARG(std::isfinite(lr) && lr >= 0, where, ": lr must be finite and >= 0, got ", lr);
+}
 
 void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, int64_t step,
                 double lr, const AdamWOptions& o, bool decay, bf16* param_bf16) {

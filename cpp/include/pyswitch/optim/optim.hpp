@@ -22,6 +22,10 @@ struct AdamWOptions {
   double weight_decay = 0.1;  ///< decoupled: param -= lr * weight_decay * param
 };
 
+/// The step/lr checks every optimizer update runs: InvalidArgument naming `where` for step < 1
+/// or an lr that is not finite and >= 0.
+void check_step(const char* where, int64_t step, double lr);
+
 /// One AdamW step: m, v (n) float32 moments updated in place; step >= 1 is the bias-correction
 /// count. decay=false skips weight decay (norms and biases by convention; SwitchLM decays its
 /// matrices, the tied embedding and the routers included).
