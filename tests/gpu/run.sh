@@ -14,6 +14,8 @@ root=$(pwd)
 out=${PYSWITCH_GPU_OUT:-$root/build/gpu-results}
 mkdir -p "$out"
 python=${PYTHON:-python3}
+# The routing properties run derandomized with 200 examples each, as in CI.
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 start=$SECONDS
 step() { printf '\n==== [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 
