@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 
 #include "pyswitch/tensor.hpp"
 
@@ -38,6 +39,19 @@ class TableBuffer {
   /// Copies size() elements from host memory into the buffer, or out of it.
   void upload(const void* host);
   void download(void* host) const;
+  /// Fills the buffer on the host: fill(float* or void*) writes size() elements, in place on the
+  /// CPU and into a staging copy that is then uploaded on a device. What is drawn on the host
+  /// (initial weights, jitter) is thus the same on every device.
+  template <class Fill>
+  void fill_on_host(Fill&& fill) {
+    if (device() == Device::cpu) {
+      fill(data_);
+      return;
+    }
+    std::vector<char> staging(static_cast<size_t>(count_ * dtype_size(dtype_)));
+    fill(static_cast<void*>(staging.data()));
+    upload(staging.data());
+  }
 
   void* data() const { return data_; }
   template <class T>

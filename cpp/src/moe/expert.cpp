@@ -80,15 +80,10 @@ ExpertWeights::ExpertWeights(const ExpertShape& s, bool use_bias, double init_sc
   auto init = [&](TableBuffer& out, int64_t n, int64_t fan_in, uint64_t stream) {
     out = TableBuffer(ops, DType::float32, n);
     const double std_dev = std::sqrt(init_scale / static_cast<double>(fan_in));
-    if (ops.device == Device::cpu) {
-      truncated_normal(out.as<float>(), n, std_dev, seed, kStreamInit + stream,
+    out.fill_on_host([&](void* values) {
+      truncated_normal(static_cast<float*>(values), n, std_dev, seed, kStreamInit + stream,
                        first_expert * d * f);
-      return;
-    }
-    // Drawn on the host (the same values on every device), then copied over.
-    std::vector<float> host(static_cast<size_t>(n));
-    truncated_normal(host.data(), n, std_dev, seed, kStreamInit + stream, first_expert * d * f);
-    out.upload(host.data());
+    });
   };
   init(w_in_, E * d * f, d, 1);
   init(w_out_, E * f * d, f, 2);

@@ -397,11 +397,12 @@ Router::Router(int64_t d_model, int64_t num_experts, const RouterOptions& option
   PYSWITCH_CHECK_ARG(std::isfinite(options.init_scale) && options.init_scale > 0,
                      "Router: init_scale must be finite and > 0, got ", options.init_scale);
   const int64_t n = d_model * num_experts;
-  std::vector<float> init(static_cast<size_t>(n));
-  truncated_normal(init.data(), n, std::sqrt(options.init_scale / static_cast<double>(d_model)),
-                   options.seed, kStreamInit + 0);
   weight_ = TableBuffer(*ops_, DType::float32, n);
-  weight_.upload(init.data());
+  weight_.fill_on_host([&](void* values) {
+    truncated_normal(static_cast<float*>(values), n,
+                     std::sqrt(options.init_scale / static_cast<double>(d_model)), options.seed,
+                     kStreamInit + 0);
+  });
   weight_grad_ = TableBuffer(*ops_, DType::float32, n);
   for (TableBuffer* scratch : {&x_used_, &jitter_, &logits_, &d_logits_, &dx_f32_}) {
     *scratch = TableBuffer(*ops_, DType::float32, 0);
@@ -440,15 +441,10 @@ const RoutingPlan& Router::forward_shard(const void* x, DType dtype, int64_t T, 
     const float eps = static_cast<float>(options_.jitter_eps);
     // The step counter advances on every rank, tokens or not, so that ranks stay in step.
     const uint64_t stream = kStreamJitter + training_steps_++;
-    if (jitter_.device() == Device::cpu) {
-      uniform(jitter_.as<float>(), n, 1.0f - eps, 1.0f + eps, options_.seed, stream,
+    jitter_.fill_on_host([&](void* values) {
+      uniform(static_cast<float*>(values), n, 1.0f - eps, 1.0f + eps, options_.seed, stream,
               first_token * d_model_);
-    } else {
-      std::vector<float> host(static_cast<size_t>(n));
-      uniform(host.data(), n, 1.0f - eps, 1.0f + eps, options_.seed, stream,
-              first_token * d_model_);
-      jitter_.upload(host.data());
-    }
+    });
   }
   if (T == 0) {
     const RouteOptions& o = options_.route;

@@ -316,10 +316,15 @@ SwitchStats SwitchFFN::stats() const {
   const int64_t T = p.num_tokens, E = p.num_experts;
   if (T == 0) return s;  // an expert-parallel rank without tokens
   s.drop_fraction = static_cast<double>(p.dropped) / static_cast<double>(p.num_tokens * p.k);
-  TableBuffer probs_buffer(*ops_, DType::float32, T * E);
-  ops_->softmax_rows(router_.last_logits().view({T, E}), probs_buffer.view({T, E}));
   std::vector<float> probs(static_cast<size_t>(T * E));
-  probs_buffer.download(probs.data());
+  const TensorView logits = router_.last_logits().view({T, E});
+  if (ops_->device == Device::cpu) {
+    ops_->softmax_rows(logits, TensorView::contiguous(probs.data(), DType::float32, {T, E}));
+  } else {
+    TableBuffer on_device(*ops_, DType::float32, T * E);
+    ops_->softmax_rows(logits, on_device.view({T, E}));
+    on_device.download(probs.data());
+  }
   double entropy = 0;
   for (float pi : probs) {
     if (pi > 0) entropy -= static_cast<double>(pi) * std::log(static_cast<double>(pi));
