@@ -19,6 +19,7 @@ import importlib
 import threading
 
 from . import _core
+from .runtime import _as_int
 
 __all__ = ["is_available", "device_count", "device_info", "versions", "require"]
 
@@ -83,9 +84,11 @@ def require(where: str = "pyswitch") -> None:
 
 
 def device_info(device: int = 0) -> dict:
-    """``{"name", "compute_capability", "memory_bytes"}`` of one device (DeviceError if none)."""
+    """``{"name", "compute_capability", "memory_bytes"}`` of one device: DeviceError if there is
+    none, ValueError for an index outside ``[0, device_count())``."""
+    device = _as_int("pyswitch.cuda.device_info", "device", device)
     require("pyswitch.cuda.device_info")
-    return dict(_module().device_info(int(device)))
+    return dict(_module().device_info(device))
 
 
 def versions() -> str:

@@ -100,3 +100,11 @@ def test_cuda_module_reports_no_device_cleanly_when_built():
     if cuda_module.device_count() == 0:
         with pytest.raises(pyswitch.DeviceError, match="no CUDA device is visible"):
             cuda_module.backend_capsule()
+
+
+def test_device_info_argument_and_availability_errors():
+    with pytest.raises(TypeError, match="pyswitch.cuda.device_info: device must be an integer"):
+        pyswitch.cuda.device_info(1.5)
+    if not pyswitch.cuda.is_available():
+        with pytest.raises(pyswitch.DeviceError, match="device 'cuda' is not available"):
+            pyswitch.cuda.device_info(0)

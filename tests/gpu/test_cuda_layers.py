@@ -101,3 +101,12 @@ def test_cuda_layer_params_are_read_only_copies_and_refuse_a_communicator():
     group = pyswitch.comm.LocalGroup(1)
     with pytest.raises(pyswitch.DeviceError, match="expert parallelism on cuda"):
         group.run(lambda comm: pyswitch.SwitchFFN(16, 32, 4, device="cuda", comm=comm))
+
+
+def test_device_info_checks_its_index():
+    info = pyswitch.cuda.device_info(0)
+    assert info["memory_bytes"] > 0 and len(info["compute_capability"]) == 2
+    with pytest.raises(ValueError, match=r"device_info: device must be in \[0, "):
+        pyswitch.cuda.device_info(pyswitch.cuda.device_count())
+    with pytest.raises(TypeError, match="device"):
+        pyswitch.cuda.device_info("0")

@@ -149,10 +149,9 @@ int device_count() {
 
 DeviceInfo device_info(int device) {
   const int count = device_count();
-  if (device < 0 || device >= count) {
-    throw DeviceError(
-        pyswitch::detail::concat("device_info: device must be in [0, ", count, "), got ", device));
-  }
+  if (count == 0) throw DeviceError("device_info: no CUDA device is visible");
+  PYSWITCH_CHECK_ARG(device >= 0 && device < count, "device_info: device must be in [0, ", count,
+                     "), got ", device);
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, device), "device_info");
   DeviceInfo info;

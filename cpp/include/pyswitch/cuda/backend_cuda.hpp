@@ -29,8 +29,8 @@ namespace pyswitch::cuda {
 /// a GPU.
 int device_count();
 
-/// What one device is: name, compute capability and memory. Throws DeviceError for a device
-/// index outside [0, device_count()).
+/// What one device is: name, compute capability and memory. Throws DeviceError when no device
+/// is visible and InvalidArgument for an index outside [0, device_count()).
 struct DeviceInfo {
   std::string name;
   int major = 0, minor = 0;
